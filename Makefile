@@ -1,0 +1,32 @@
+# Two commands set everything up on a fresh clone: `make train` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test lint bench clean
+
+$(STAMP): pyproject.toml requirements-ci.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-ci.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python train.py $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check spamclf tests train.py
+	$(BIN)/ruff format --check spamclf tests train.py
+
+bench: $(STAMP)
+	$(BIN)/python -m spamclf.bench $(ARGS)
+
+clean:
+	rm -rf logs outputs .pytest_cache
