@@ -1,0 +1,102 @@
+"""Frozen-prefix activation cache: run the frozen blocks once per message, train only the suffix.
+
+With `trainable_layers=last_block` on gpt2-small, blocks 1-11 produce the same hidden states every
+epoch; this keeps them (in memory, or in a file above `max_memory_mb`) and serves them by row index.
+It is exact: the suffix sees the very states the full forward would compute (see `rows_to_store`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+
+import torch
+
+from spamclf.tokenizer import PAD_ID
+
+log = logging.getLogger(__name__)
+
+
+def cache_blocker(depth: int, drop_rate: float, causal: bool, pooling: str, pad_length: int | None) -> str | None:
+    """Why the prefix cannot be cached exactly, or None when it can."""
+    if depth == 0:
+        return "no frozen prefix (embeddings or the first block train)"
+    if drop_rate > 0:
+        return f"dropout ({drop_rate}) acts in the frozen prefix during training"
+    if not causal and pooling == "last" and pad_length is None:
+        return "without a causal mask, padding tokens see the batch-dependent padding width"
+    return None
+
+
+class PrefixCache:
+    """Hidden states after `depth` frozen blocks for every row of one split.
+
+    Row i keeps `stored[i]` positions. Under a causal mask a position's state depends only on the
+    tokens up to it, so rows keep their real tokens, or up to the split's longest row when the
+    classifier reads the padded last position (pooling=last); with fixed padding every row keeps the
+    fixed width. Positions past what a row keeps are served as zeros: nothing reads them.
+    """
+
+    def __init__(self, flat: torch.Tensor, offsets: list[int], stored: list[int], depth: int, path: str | None):
+        self.flat, self.offsets, self.stored, self.depth, self.path = flat, offsets, stored, depth, path
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, dataset, pad_length: int | None, depth: int, pooling: str, use_mask: bool, *,
+              dtype: torch.dtype, device: torch.device, batch_size: int = 64, max_memory_mb: float = 4096,
+              spill_dir: str | None = None) -> PrefixCache:
+        """Run `model`'s (a GPT2) embeddings and first `depth` blocks over every row of `dataset`
+        (an EncodedSplit), padded as training pads it. `use_mask`: attend only to real tokens."""
+        start = time.perf_counter()
+        lengths = dataset.lengths
+        widest = max(lengths)
+        stored = [pad_length or (widest if pooling == "last" else n) for n in lengths]
+        offsets = [0]
+        for n in stored:
+            offsets.append(offsets[-1] + n)
+        shape = (offsets[-1], model.cfg.emb_dim)
+        nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+        path = None
+        if nbytes > max_memory_mb * 2**20 and device.type == "cpu":
+            fd, path = tempfile.mkstemp(prefix="spamclf-prefix-", suffix=".bin", dir=spill_dir)
+            os.close(fd)
+            flat = torch.from_file(path, shared=True, size=shape[0] * shape[1], dtype=dtype).view(shape)
+        else:
+            flat = torch.empty(shape, dtype=dtype, device=device)
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)  # similar lengths share a batch
+        was_training = model.training
+        model.eval()
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            width = max(stored[r] for r in rows)
+            ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, : min(lengths[r], width)] = torch.as_tensor(dataset.ids[r][:width])
+            valid = None
+            if use_mask:
+                real = torch.tensor([min(lengths[r], width) for r in rows])
+                valid = (torch.arange(width)[None, :] < real[:, None]).to(device)
+            hidden = model.run_blocks(model.embed(ids.to(device)), 0, depth, valid)
+            for j, r in enumerate(rows):
+                flat[offsets[r] : offsets[r + 1]] = hidden[j, : stored[r]].to(dtype)
+        model.train(was_training)
+        log.info(
+            "prefix cache: %d rows, %d positions after %d frozen block(s), %.1f MB %s, built in %.2fs",
+            len(lengths), shape[0], depth, nbytes / 2**20, f"in {path}" if path else f"on {device}",
+            time.perf_counter() - start,
+        )
+        return cls(flat, offsets, stored, depth, path)
+
+    def gather(self, index: torch.Tensor, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Hidden states [B, width, D] for the rows `index`."""
+        out = torch.zeros(len(index), width, self.flat.shape[1], dtype=self.flat.dtype, device=self.flat.device)
+        for j, r in enumerate(index.tolist()):
+            n = min(self.stored[r], width)
+            out[j, :n] = self.flat[self.offsets[r] : self.offsets[r] + n]
+        return out.to(device=device, dtype=dtype, non_blocking=True)
+
+    def close(self) -> None:
+        if self.path and os.path.exists(self.path):
+            os.remove(self.path)

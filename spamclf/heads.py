@@ -1,0 +1,105 @@
+"""What turns the language model into a classifier: the head swap, which layers train, and pooling."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spamclf.errors import InvalidOption
+from spamclf.gpt2 import GPT2
+
+POOLING_CHOICES = ("last", "first", "last_nonpad", "mean")
+TRAINABLE_NAMES = ("head", "last_block", "last_two_blocks", "all", "lora")
+TRAINABLE_HELP = "one of " + ", ".join(TRAINABLE_NAMES) + ", or an integer k (the last k blocks + final norm + head)"
+LORA_TARGETS = ["qkv", "out_proj", "layers.0", "layers.2"]  # attention and feed-forward linears, not the head
+
+
+def replace_head(model: GPT2, num_classes: int) -> None:
+    """The book's `model.out_head = Linear(emb_dim, num_classes)`: no 50,257-way projection any more."""
+    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes)
+
+
+def trainable_blocks(policy: str | int, n_layers: int) -> int | None:
+    """How many trailing blocks a policy trains; None for `all` and `lora` (no plain block count)."""
+    if isinstance(policy, bool):
+        raise InvalidOption("trainable_layers", policy, TRAINABLE_HELP)
+    if isinstance(policy, int) or (isinstance(policy, str) and policy.isdigit()):
+        k = int(policy)
+        if not 0 <= k <= n_layers:
+            raise InvalidOption("trainable_layers", policy, f"an integer between 0 and {n_layers} for this model")
+        return k
+    counts = {"head": 0, "last_block": 1, "last_two_blocks": 2, "all": None, "lora": None}
+    if policy not in counts:
+        raise InvalidOption("trainable_layers", policy, TRAINABLE_HELP)
+    return counts[policy]
+
+
+def apply_trainable_layers(model: GPT2, policy: str | int, lora_rank: int = 16, lora_alpha: float = 16) -> None:
+    """Freeze everything, then unfreeze what `policy` trains (the head always trains).
+
+    head: output layer only; last_block (the book): last block + final norm + head; last_two_blocks;
+    k: last k blocks + final norm + head; all: every parameter; lora: LoRA adapters (through peft) on
+    every attention and feed-forward linear, plus the head.
+    """
+    k = trainable_blocks(policy, model.cfg.n_layers)
+    if policy == "all":
+        model.requires_grad_(True)
+        return
+    model.requires_grad_(False)
+    if policy == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if lora_rank < 1:
+            raise InvalidOption("lora_rank", lora_rank, "a positive integer")
+        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=LORA_TARGETS), model)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+    elif k:
+        model.trf_blocks[-k:].requires_grad_(True)
+        model.final_norm.requires_grad_(True)
+    model.out_head.requires_grad_(True)
+
+
+def frozen_prefix_depth(model: GPT2) -> int:
+    """Number of leading blocks (after the frozen embeddings) whose parameters are all frozen."""
+    if any(p.requires_grad for p in (*model.tok_emb.parameters(), *model.pos_emb.parameters())):
+        return 0
+    depth = 0
+    for block in model.trf_blocks:
+        if any(p.requires_grad for p in block.parameters()):
+            break
+        depth += 1
+    return depth
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), counting tied tensors once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLING_CHOICES:
+        raise InvalidOption("pooling", pooling, "one of " + ", ".join(POOLING_CHOICES))
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, T, D] → [B, D]. last: position T-1 of the padded sequence (the book); first: position 0;
+    last_nonpad: each message's last real token; mean: the average over real tokens."""
+    if pooling == "last":
+        return hidden[:, -1]
+    if pooling == "first":
+        return hidden[:, 0]
+    lengths = lengths.to(hidden.device)
+    if pooling == "last_nonpad":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+    if pooling == "mean":
+        real = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
+        return (hidden * real[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
+    raise InvalidOption("pooling", pooling, "one of " + ", ".join(POOLING_CHOICES))

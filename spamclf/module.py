@@ -1,0 +1,321 @@
+"""SpamClassifier: GPT-2 with a classification head, trained with Lightning.
+
+The only module that knows both the model and training: loss and metrics on the pooled logits,
+AdamW over the trainable parameters, the frozen-prefix cache, slim checkpoints, and `predict_texts`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from spamclf.cache import PrefixCache, cache_blocker
+from spamclf.data import PadCollator
+from spamclf.errors import CheckpointError, InvalidOption
+from spamclf.gpt2 import GPT2, preset
+from spamclf.heads import (
+    apply_trainable_layers,
+    check_pooling,
+    count_parameters,
+    frozen_prefix_depth,
+    pool,
+    replace_head,
+)
+from spamclf.tokenizer import encode_texts
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_CHOICES = ("pretrained", "random")
+SCHEDULERS = ("constant", "cosine")
+CACHE_DTYPES = ("auto", "bf16", "fp32")
+
+
+def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+    kw = {"num_classes": num_classes}
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(average="micro", **kw),
+            "f1": MulticlassF1Score(average="macro", **kw),
+            "precision": MulticlassPrecision(average="macro", **kw),
+            "recall": MulticlassRecall(average="macro", **kw),
+            "auroc": MulticlassAUROC(average="macro", **kw),
+        },
+        prefix=prefix,
+    )
+
+
+class SpamClassifier(L.LightningModule):
+    """GPT-2 text classifier.
+
+    Args:
+        model_name: gpt2-small | gpt2-medium | gpt2-large | gpt2-xl | gpt2-tiny (random only).
+        weights: pretrained (open GPT-2 weights through the hub cache) or random (the book's row 10).
+        weights_path: a local .safetensors file or folder to load instead of the hub.
+        label_names: class names in id order (from the data config); their count sizes the head.
+        trainable_layers: head | last_block | last_two_blocks | all | lora | an integer k.
+        pooling: last | first | last_nonpad | mean.
+        causal: False disables the causal mask (the book's experiment).
+        drop_rate: dropout everywhere in GPT-2 (the book fine-tunes with 0.0).
+        lora_rank, lora_alpha: LoRA settings for trainable_layers=lora.
+        lr, weight_decay: AdamW over the trainable parameters.
+        scheduler, warmup_steps: constant, or linear warm-up then cosine decay to zero.
+        prefix_cache: cache the frozen prefix's activations when that is exact.
+        cache_dtype: auto (bf16 under bf16 precision, else fp32) | bf16 | fp32.
+        cache_max_memory_mb: above this the cache lives in a temporary file (CPU).
+        compile: torch.compile the transformer blocks.
+        tokenization: padding rule and label names recorded from the data at fit time (for prediction).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "gpt2-small",
+        weights: str = "pretrained",
+        weights_path: str | None = None,
+        label_names: Sequence[str] = ("ham", "spam"),
+        trainable_layers: str | int = "last_block",
+        pooling: str = "last",
+        causal: bool = True,
+        drop_rate: float = 0.0,
+        lora_rank: int = 16,
+        lora_alpha: float = 16,
+        lr: float = 5e-5,
+        weight_decay: float = 0.1,
+        scheduler: str = "constant",
+        warmup_steps: int = 0,
+        prefix_cache: bool = True,
+        cache_dtype: str = "auto",
+        cache_max_memory_mb: float = 4096,
+        compile: bool = False,
+        tokenization: dict | None = None,
+    ):
+        super().__init__()
+        label_names = [str(n) for n in label_names]
+        if len(label_names) < 2:
+            raise InvalidOption("label_names", label_names, "at least two class names")
+        for option, value, choices in (("weights", weights, WEIGHTS_CHOICES), ("scheduler", scheduler, SCHEDULERS),
+                                       ("cache_dtype", cache_dtype, CACHE_DTYPES)):
+            if value not in choices:
+                raise InvalidOption(option, value, "one of " + ", ".join(choices))
+        check_pooling(pooling)
+        self.save_hyperparameters()
+        self.hparams.label_names = label_names
+        overrides = {"drop_rate": drop_rate, "causal": causal}
+        if weights == "pretrained":
+            self.model = GPT2.from_pretrained(weights_path or model_name, **overrides)
+        else:
+            self.model = GPT2(preset(model_name, **overrides))
+        replace_head(self.model, len(label_names))
+        apply_trainable_layers(self.model, trainable_layers, lora_rank, lora_alpha)
+        self.trainable, self.total = count_parameters(self.model)
+        log.info("%s (%s): %s of %s parameters trainable (%s)", model_name, weights, f"{self.trainable:,}",
+                 f"{self.total:,}", trainable_layers)
+        if compile:
+            for block in self.model.trf_blocks:
+                block.compile()
+        # Real tokens are masked in only where padding could otherwise reach them: without the causal
+        # mask. With it, right padding never reaches a real token, and pooling=last reads padding by design.
+        self.use_mask = not causal and pooling != "last"
+        self.metrics = torch.nn.ModuleDict(
+            {f"{name}_metrics": _metrics(len(label_names), f"{name}/") for name in ("train", "val", "test", "best_train", "best_val")}
+        )
+        self.caches: dict[str, PrefixCache] = {}
+        self.test_outputs: dict[str, list[torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------------------------- forward
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.hparams.label_names)
+
+    def valid_mask(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+        if not self.use_mask:
+            return None
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < lengths.to(input_ids.device)[:, None]
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, hidden: torch.Tensor | None = None,
+                start_block: int = 0) -> torch.Tensor:
+        """Class logits [B, C]; `hidden` resumes from cached states after `start_block` frozen blocks."""
+        valid = self.valid_mask(input_ids, lengths)
+        x = self.model.embed(input_ids) if hidden is None else hidden
+        x = self.model.final_norm(self.model.run_blocks(x, start_block, valid=valid))
+        return self.model.out_head(pool(x, lengths, self.hparams.pooling))
+
+    def _logits(self, batch: dict) -> torch.Tensor:
+        cache = self._prefix_cache(batch["split"])
+        if cache is None:
+            return self(batch["input_ids"], batch["lengths"])
+        hidden = cache.gather(batch["index"], batch["input_ids"].shape[1], self.device, self.model.pos_emb.weight.dtype)
+        return self(batch["input_ids"], batch["lengths"], hidden, cache.depth)
+
+    # ---------------------------------------------------------------------------------- prefix cache
+    def cache_plan(self) -> tuple[int, str | None]:
+        """(frozen depth, reason it cannot be cached or None)."""
+        depth = frozen_prefix_depth(self.model)
+        tok = self.hparams.tokenization or {}
+        reason = cache_blocker(depth, self.hparams.drop_rate, self.hparams.causal, self.hparams.pooling, tok.get("pad_length"))
+        if not self.hparams.prefix_cache:
+            reason = "model.prefix_cache=false"
+        return depth, reason
+
+    def _prefix_cache(self, split: str) -> PrefixCache | None:
+        if split in self.caches:
+            return self.caches[split]
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        depth, reason = self.cache_plan()
+        if reason is not None or datamodule is None or split not in getattr(datamodule, "datasets", {}):
+            if split == "train" and reason is not None:
+                log.info("prefix cache off: %s", reason)
+            self.caches[split] = None
+            return None
+        dtype = self.hparams.cache_dtype
+        if dtype == "auto":
+            dtype = "bf16" if "bf16" in str(self.trainer.precision) else "fp32"
+        self.caches[split] = PrefixCache.build(
+            self.model, datamodule.datasets[split], datamodule.pad_length, depth, self.hparams.pooling, self.use_mask,
+            dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, device=self.device,
+            max_memory_mb=self.hparams.cache_max_memory_mb,
+        )
+        return self.caches[split]
+
+    def drop_caches(self) -> None:
+        for cache in self.caches.values():
+            if cache is not None:
+                cache.close()
+        self.caches = {}
+
+    # ---------------------------------------------------------------------------------------- steps
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "describe"):
+            described = datamodule.describe()
+            if described["label_names"] and described["label_names"] != self.label_names:
+                raise InvalidOption("label_names", self.label_names, f"the data's labels {described['label_names']}")
+            self.hparams.tokenization = described
+
+    def on_fit_start(self) -> None:
+        log.info("trainable parameters: %s / %s", f"{self.trainable:,}", f"{self.total:,}")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self._logits(batch)
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        metrics = self.metrics["train_metrics"]
+        metrics["acc"](logits.detach().float(), batch["labels"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        self.log("train/acc", metrics["acc"], on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def _evaluate(self, batch: dict, name: str) -> None:
+        logits = self._logits(batch).float()
+        loss = F.cross_entropy(logits, batch["labels"])
+        self.log(f"{name}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(logits), add_dataloader_idx=False)
+        metrics = self.metrics[f"{name}_metrics"]
+        metrics.update(logits, batch["labels"])
+        self.log_dict(metrics, on_epoch=True, batch_size=len(logits), add_dataloader_idx=False)
+        if name == "test":
+            self.test_outputs.setdefault("probs", []).append(logits.softmax(-1).cpu())
+            self.test_outputs.setdefault("labels", []).append(batch["labels"].cpu())
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "test" if batch["split"] == "test" else f"best_{batch['split']}")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_outputs = {}
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.scheduler == "constant" and not self.hparams.warmup_steps:
+            return optimizer
+        total = max(1, self.trainer.estimated_stepping_batches)
+        warmup = self.hparams.warmup_steps
+        cosine = self.hparams.scheduler == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Frozen pretrained weights are not copied into checkpoints: only the trainable tensors plus the
+        base file's identity (source, sha256); loading rebuilds the base from the cache or the file."""
+        if self.hparams.weights != "pretrained":
+            return
+        keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["base_weights"] = dict(self.model.source)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        base = checkpoint.get("base_weights")
+        if base is None:
+            return
+        ours = self.model.source or {}
+        if base.get("sha256") != ours.get("sha256"):
+            raise CheckpointError(
+                f"checkpoint was trained on base weights {base.get('source')} (sha256 {base.get('sha256', '?')[:12]}…) but "
+                f"{ours.get('file')} has sha256 {ours.get('sha256', '?')[:12]}…; point model.weights_path at the original file"
+            )
+        current = self.state_dict()
+        checkpoint["state_dict"] = {**current, **checkpoint["state_dict"]}
+        self.drop_caches()
+
+    # ----------------------------------------------------------------------------------- prediction
+    @torch.inference_mode()
+    def predict_texts(self, texts: Sequence[str], batch_size: int = 64, bf16: bool = False) -> list[dict]:
+        """Classify raw texts with the training run's tokenization and padding rule.
+
+        Each message's probability does not depend on what it is batched with: fixed padding pads every
+        message alike, and per-batch padding is only used with poolings that never read padding (with
+        pooling=last and per-batch padding, messages are batched only with others of the same length).
+        Empty text is classified as a lone <|endoftext|>; text longer than the training width (or the
+        context) is cut to it, keeping its beginning, as in training.
+        """
+        tok = self.hparams.tokenization or {}
+        pad_length, context = tok.get("pad_length"), tok.get("context_length", self.model.cfg.context_length)
+        limit = pad_length or context
+        ids = [row[:limit] for row in encode_texts([str(t) for t in texts])]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        same_length_only = pad_length is None and self.hparams.pooling == "last"
+        collate = PadCollator(pad_length, "predict")
+        self.eval()
+        probs: list[torch.Tensor | None] = [None] * len(ids)
+        start = 0
+        while start < len(order):
+            stop = min(start + batch_size, len(order))
+            if same_length_only:
+                while stop > start + 1 and len(ids[order[stop - 1]]) != len(ids[order[start]]):
+                    stop -= 1
+            rows = order[start:stop]
+            batch = collate([(i, ids[i], 0) for i in rows])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = self(batch["input_ids"].to(self.device), batch["lengths"].to(self.device))
+            for i, p in zip(rows, logits.float().softmax(-1).cpu()):
+                probs[i] = p
+            start = stop
+        names = self.label_names
+        results = []
+        for text, p in zip(texts, probs):
+            best = int(p.argmax())
+            results.append({"text": text, "label": names[best], "probability": float(p[best]),
+                            "probabilities": {n: float(v) for n, v in zip(names, p)}})
+        return results
