@@ -1,0 +1,164 @@
+"""One training run, from a composed Hydra config to metrics.json. `train.py` only calls `main`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from spamclf.data import SPLITS
+from spamclf.errors import CheckpointError, InvalidOption, SpamclfError
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.json"
+USER_ERRORS = (SpamclfError, MisconfigurationException, OmegaConfBaseException)
+
+
+def build(group: str, node: DictConfig, **kwargs):
+    """`instantiate`, with a user mistake inside a constructor reported as `group.key=value …`."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, InvalidOption):
+            raise SpamclfError(f"{group}.{cause}") from None
+        if isinstance(cause, SpamclfError):
+            raise cause from None
+        if isinstance(cause, (*USER_ERRORS, TypeError)):
+            raise SpamclfError(f"{group}: {cause}; check the keys under '{group}'") from None
+        raise
+
+
+def _load_checkpoint(path: str):
+    from spamclf.module import SpamClassifier
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; fix ckpt_path")
+    try:
+        return SpamClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except SpamclfError:
+        raise
+    except Exception as e:  # noqa: BLE001 — any unreadable file is the user's to fix, not a traceback
+        raise CheckpointError(f"{path}: not a readable spamclf checkpoint ({type(e).__name__}); pass a .ckpt written by train.py") from None
+
+
+def _resolve_ckpt(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """`last` means this run folder's checkpoints/last.ckpt (resume into the same folder with hydra.run.dir)."""
+    if ckpt_path in (None, "last"):
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if ckpt_path == "last" and not last.is_file():
+            raise CheckpointError(f"{last}: no last checkpoint to resume from; set hydra.run.dir to the interrupted run's folder")
+        return str(last) if ckpt_path else None
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(f"{ckpt_path}: checkpoint not found; fix ckpt_path")
+    return ckpt_path
+
+
+def run(cfg: DictConfig) -> dict:
+    """Seed, build data, model, callbacks, loggers and trainer; fit; test the best checkpoint once;
+    write metrics.json. Returns the metrics (with the optimized metric under `objective`)."""
+    start = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build("data", cfg.data)
+    datamodule.setup("fit")
+    ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"), output_dir)
+    if cfg.train:
+        model = build("model", cfg.model, label_names=datamodule.label_names)
+    elif ckpt_path is None:
+        raise SpamclfError("train=false needs ckpt_path=PATH (the checkpoint to evaluate)")
+    else:
+        model = _load_checkpoint(ckpt_path)
+    callbacks = [build(f"callbacks.{k}", c) for k, c in (cfg.get("callbacks") or {}).items() if c and "_target_" in c]
+    loggers = [build(f"logger.{k}", c) for k, c in (cfg.get("logger") or {}).items() if c and "_target_" in c]
+    trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    timings = {}
+    if cfg.train:
+        t0 = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        timings["fit_s"] = time.perf_counter() - t0
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    objective = _objective(trainer, cfg.optimized_metric)
+    metrics: dict = {}
+    if cfg.test:
+        t0 = time.perf_counter()
+        datamodule.test_splits = SPLITS
+        trainer.test(model, datamodule=datamodule, ckpt_path=(best or None) if cfg.train else None)
+        timings["test_s"] = time.perf_counter() - t0
+        metrics = _split_metrics(trainer.callback_metrics)
+    timings["total_s"] = time.perf_counter() - start
+    summary = {
+        "objective": {"name": cfg.optimized_metric, "value": objective},
+        **metrics,
+        "best_checkpoint": best or ckpt_path,
+        "trainable_parameters": model.trainable,
+        "total_parameters": model.total,
+        "overlap_with_train": datamodule.overlap,
+        "timings": timings,
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(output_dir / METRICS_FILE, summary)
+        log.info("metrics: %s", json.dumps({k: summary[k] for k in ("objective", *metrics)}))
+    return summary
+
+
+def _objective(trainer: L.Trainer, name: str) -> float | None:
+    cb = trainer.checkpoint_callback
+    if cb is not None and cb.monitor == name and cb.best_model_score is not None:
+        return float(cb.best_model_score)
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
+
+
+def _split_metrics(callback_metrics: dict) -> dict:
+    """{"train": {...}, "val": {...}, "test": {...}} from the best checkpoint's final evaluation."""
+    out: dict[str, dict] = {}
+    for key, value in callback_metrics.items():
+        prefix, _, name = key.rpartition("/")
+        split = {"best_train": "train", "best_val": "val", "test": "test"}.get(prefix)
+        if split:
+            out.setdefault(split, {})[name] = float(value)
+    return {split: out[split] for split in SPLITS if split in out}
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _discard_incomplete(output_dir: Path) -> None:
+    """A run that failed before it trained leaves no folder behind; one with checkpoints keeps them,
+    but without metrics.json, which marks a complete run."""
+    if not output_dir.is_dir() or (output_dir / METRICS_FILE).exists():
+        return
+    if not any((output_dir / "checkpoints").glob("*.ckpt")):
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Hydra task: the optimized metric for sweepers; user mistakes end in one line and exit status 2."""
+    try:
+        return run(cfg)["objective"]["value"]
+    except USER_ERRORS as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        try:
+            _discard_incomplete(Path(cfg.paths.output_dir))
+        except OmegaConfBaseException:
+            pass
+        sys.exit(2)
