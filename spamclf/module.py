@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -24,7 +26,7 @@ from torchmetrics.classification import (
 
 from spamclf.cache import PrefixCache, cache_blocker
 from spamclf.data import PadCollator
-from spamclf.errors import CheckpointError, InvalidOption
+from spamclf.errors import CheckpointError, InvalidOption, SpamclfError
 from spamclf.gpt2 import GPT2, preset
 from spamclf.heads import (
     apply_trainable_layers,
@@ -319,3 +321,17 @@ class SpamClassifier(L.LightningModule):
             results.append({"text": text, "label": names[best], "probability": float(p[best]),
                             "probabilities": {n: float(v) for n, v in zip(names, p)}})
         return results
+
+
+def load_classifier(path: str | os.PathLike, map_location: str = "cpu") -> SpamClassifier:
+    """`SpamClassifier.load_from_checkpoint` (never unpickling code: weights_only) with one-line errors."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; pass the .ckpt a training run wrote (its checkpoints/ folder)")
+    try:
+        return SpamClassifier.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    except SpamclfError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever is wrong inside the file, the fix is the same
+        raise CheckpointError(
+            f"{path}: not a readable spamclf checkpoint ({type(e).__name__}); pass a .ckpt written by train.py"
+        ) from None

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from spamclf.data import SPLITS
 from spamclf.errors import CheckpointError, InvalidOption, SpamclfError
+from spamclf.module import load_classifier
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -38,19 +39,6 @@ def build(group: str, node: DictConfig, **kwargs):
         if isinstance(cause, (*USER_ERRORS, TypeError)):
             raise SpamclfError(f"{group}: {cause}; check the keys under '{group}'") from None
         raise
-
-
-def _load_checkpoint(path: str):
-    from spamclf.module import SpamClassifier
-
-    if not Path(path).is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; fix ckpt_path")
-    try:
-        return SpamClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except SpamclfError:
-        raise
-    except Exception as e:  # noqa: BLE001 — any unreadable file is the user's to fix, not a traceback
-        raise CheckpointError(f"{path}: not a readable spamclf checkpoint ({type(e).__name__}); pass a .ckpt written by train.py") from None
 
 
 def _resolve_ckpt(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -79,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
     elif ckpt_path is None:
         raise SpamclfError("train=false needs ckpt_path=PATH (the checkpoint to evaluate)")
     else:
-        model = _load_checkpoint(ckpt_path)
+        model = load_classifier(ckpt_path)
     callbacks = [build(f"callbacks.{k}", c) for k, c in (cfg.get("callbacks") or {}).items() if c and "_target_" in c]
     loggers = [build(f"logger.{k}", c) for k, c in (cfg.get("logger") or {}).items() if c and "_target_" in c]
     trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -1,0 +1,124 @@
+"""Classify texts with a trained checkpoint; one JSON object per input.
+
+    python -m spamclf.predict --ckpt logs/train/runs/<run>/checkpoints/last.ckpt --text "WIN a prize!" --text "see you at 5"
+    python -m spamclf.predict --ckpt CKPT --input messages.csv [--text-column text] --output predictions.jsonl
+
+Input files are streamed in chunks, so memory stays flat however long the file is: `.txt` holds one
+message per line; `.csv`/`.tsv` need a header naming the text column, except header-less
+`label<TAB>text` files like the SMS collection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
+from spamclf.errors import DataError, SpamclfError
+
+csv.field_size_limit(2**31 - 1)
+
+
+def iter_texts(path: str, text_column: str = "text", encoding: str = "utf-8") -> Iterator[str]:
+    """Stream the messages of a .txt, .csv or .tsv file without reading it whole."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{path}: input file not found; fix --input")
+    suffix = file.suffix.lower()
+    with open(file, encoding=encoding, newline="") as fh:
+        lines = _numbered(fh, path, encoding)
+        if suffix not in (".csv", ".tsv"):
+            for _, line in lines:
+                yield line.rstrip("\r\n")
+            return
+        delimiter = "," if suffix == ".csv" else "\t"
+        first = next(lines, None)
+        if first is None:
+            return
+        header = next(csv.reader([first[1]], delimiter=delimiter))
+        if text_column in header:
+            column = header.index(text_column)
+            for row in csv.reader((line for _, line in lines), delimiter=delimiter):
+                if row:
+                    yield row[column] if column < len(row) else ""
+        elif delimiter == "\t":  # header-less label<TAB>text, as the SMS collection
+            yield first[1].rstrip("\r\n").partition("\t")[2]
+            for _, line in lines:
+                yield line.rstrip("\r\n").partition("\t")[2]
+        else:
+            raise DataError(f"{path}:1: no column {text_column!r} in the header {header}; set --text-column")
+
+
+def _numbered(fh, path: str, encoding: str) -> Iterator[tuple[int, str]]:
+    lineno = 0
+    try:
+        for lineno, line in enumerate(fh, start=1):  # noqa: B007 - read after the loop on errors
+            yield lineno, line
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{lineno + 1}: bytes that are not valid {encoding}; re-save as UTF-8 or pass --encoding") from None
+
+
+def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def predict_stream(model, texts: Iterable[str], out, batch_size: int = 64, chunk_size: int = 4096, bf16: bool = False) -> int:
+    """Write one JSON line per text to `out`; returns how many."""
+    count = 0
+    for chunk in chunks(texts, chunk_size):
+        for result in model.predict_texts(chunk, batch_size=batch_size, bf16=bf16):
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+        count += len(chunk)
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spamclf.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", help="a message to classify (repeatable)")
+    source.add_argument("--input", help=".txt (one message per line), .csv or .tsv file")
+    parser.add_argument("--output", help="write JSON lines here instead of standard output")
+    parser.add_argument("--text-column", default="text", help="column of --input CSV/TSV files holding the text")
+    parser.add_argument("--encoding", default="utf-8")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=4096, help="messages read from --input at a time")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on AMX CPUs and GPUs)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    args = parser.parse_args(argv)
+    try:
+        from spamclf.module import load_classifier
+
+        model = load_classifier(args.ckpt, map_location=args.device)
+        texts = args.text if args.text is not None else iter_texts(args.input, args.text_column, args.encoding)
+        if args.output is None:
+            predict_stream(model, texts, sys.stdout, args.batch_size, args.chunk_size, args.bf16)
+            return 0
+        target = Path(args.output)
+        if not target.parent.is_dir():
+            raise DataError(f"{target.parent}: output folder does not exist; create it or fix --output")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                count = predict_stream(model, texts, out, args.batch_size, args.chunk_size, args.bf16)
+            os.replace(tmp, target)  # a failed run never leaves a half-written output file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        print(f"wrote {count} predictions to {target}", file=sys.stderr)
+        return 0
+    except SpamclfError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
