@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+import weakref
 
 import torch
 
@@ -41,6 +42,7 @@ class PrefixCache:
 
     def __init__(self, flat: torch.Tensor, offsets: list[int], stored: list[int], depth: int, path: str | None):
         self.flat, self.offsets, self.stored, self.depth, self.path = flat, offsets, stored, depth, path
+        self._remove_file = weakref.finalize(self, _remove, path) if path else None  # spill files never outlive us
 
     @classmethod
     @torch.no_grad()
@@ -98,5 +100,10 @@ class PrefixCache:
         return out.to(device=device, dtype=dtype, non_blocking=True)
 
     def close(self) -> None:
-        if self.path and os.path.exists(self.path):
-            os.remove(self.path)
+        if self._remove_file is not None:
+            self._remove_file()
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)

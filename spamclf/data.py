@@ -197,6 +197,7 @@ def _write_atomic(target: Path, content: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     with os.fdopen(fd, "wb") as fh:
         fh.write(content)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the splits from other readers
     os.replace(tmp, target)
 
 

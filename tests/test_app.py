@@ -1,0 +1,232 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from spamclf.data import SpamDataModule
+from spamclf.gpt2 import PRESETS
+from spamclf.pipeline import main, run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+TRAINERS = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))
+EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
+QUIET = ["~callbacks.rich_progress_bar", "trainer.enable_progress_bar=false"]
+TINY = ["model=gpt2-tiny", "trainer.accelerator=cpu", *QUIET, "trainer.max_epochs=1"]
+
+
+def compose_cfg(overrides, tmp_path):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}", f"paths.log_dir={tmp_path}", "paths.root_dir=."])
+
+
+def test_every_model_size_and_trainer_preset_composes(tmp_path):
+    assert {"gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt2-tiny"} <= set(MODELS)
+    assert {"default", "cpu", "gpu", "mps", "ddp", "ddp_sim"} <= set(TRAINERS)
+    for model in MODELS:
+        for trainer in TRAINERS:
+            cfg = compose_cfg([f"model={model}", f"trainer={trainer}"], tmp_path)
+            assert cfg.model._target_ == "spamclf.module.SpamClassifier" and cfg.model.model_name in PRESETS
+            assert cfg.model.weights == ("random" if model == "gpt2-tiny" else "pretrained")
+            assert cfg.trainer._target_ == "lightning.pytorch.trainer.Trainer"
+            assert cfg.data._target_ == "spamclf.data.SpamDataModule"
+            assert cfg.model.label_names == cfg.data.labels  # interpolated from the data config
+    cfg = compose_cfg(["trainer=ddp_sim"], tmp_path)
+    assert cfg.trainer.devices == 2 and cfg.trainer.strategy.process_group_backend == "gloo"
+
+
+def test_users_overrides_compose(tmp_path):
+    cfg = compose_cfg(["model=gpt2-medium", "trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
+                       "model.trainable_layers=all", "data.padding=batch", "data.path=my.csv", "seed=7"], tmp_path)
+    assert (cfg.model.model_name, cfg.trainer.accelerator, cfg.model.trainable_layers) == ("gpt2-medium", "gpu", "all")
+    assert cfg.data.seed == 7 and cfg.data.path == "my.csv"
+    csv_cfg = compose_cfg(["data=csv", "data.path=x.csv", "data.labels=[a,b,c]"], tmp_path)
+    assert csv_cfg.model.label_names == ["a", "b", "c"] and csv_cfg.data.balance is False
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_its_data_config_is_valid(experiment, tmp_path):
+    cfg = compose_cfg([f"experiment={experiment}", "data.output_dir=null"], tmp_path)
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data)  # validates padding/batch-size combinations without reading data
+    assert isinstance(dm, SpamDataModule)
+    assert cfg.trainer.max_epochs == 5 and cfg.seed == 123
+
+
+def test_table_rows_say_what_the_book_did(tmp_path):
+    rows = {e.split("/")[1]: compose_cfg([f"experiment={e}"], tmp_path) for e in EXPERIMENTS if e.startswith("table/")}
+    assert len(rows) == 19
+    assert rows["row01"].model.trainable_layers == "last_block" and rows["row01"].data.padding == "longest_train"
+    assert rows["row02"].model.pooling == "first" and rows["row03"].model.trainable_layers == "head"
+    assert [rows[f"row0{i}"].model.model_name for i in (6, 7, 8)] == ["gpt2-medium", "gpt2-large", "gpt2-xl"]
+    assert rows["row10"].model.weights == "random" and rows["row10"].model.trainable_layers == "all"
+    assert rows["row12"].model.trainable_layers == "lora" and rows["row12"].model.model_name == "gpt2-xl"
+    assert rows["row13"].data.padding == "model" and rows["row14"].data.batch_size == 1
+    assert rows["row15"].trainer.accumulate_grad_batches == 8 and rows["row16"].model.causal is False
+    assert rows["row18"].model.pooling == "mean" and rows["row19"].model.pooling == "last_nonpad"
+    fast = compose_cfg(["experiment=fast"], tmp_path)
+    assert (fast.data.padding, fast.data.bucket, fast.model.pooling, fast.trainer.precision) == ("batch", True, "last_nonpad", "bf16-mixed")
+
+
+def test_smoke_run_writes_a_complete_run_folder(tmp_path):
+    cfg = compose_cfg([*TINY[:-1], "trainer.max_epochs=2"], tmp_path)
+    summary = run(cfg)
+    for name in ("train.csv", "validation.csv", "test.csv", "metrics.json", "plots/loss.png", "plots/accuracy.png",
+                 "plots/confusion_matrix.png", "checkpoints/last.ckpt"):
+        assert (tmp_path / name).is_file(), name
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) >= {"train", "val", "test", "best_checkpoint", "timings", "objective"}
+    assert Path(metrics["best_checkpoint"]).is_file() and metrics["best_checkpoint"] != str(tmp_path / "checkpoints/last.ckpt")
+    assert metrics["objective"]["value"] == pytest.approx(metrics["val"]["acc"], abs=1e-6)  # best checkpoint re-scored
+    assert metrics["val"]["acc"] > 0.85 and metrics["test"]["acc"] > 0.85
+    assert metrics["timings"]["fit_s"] > 0 and summary["overlap_with_train"]["test"] > 0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss_step", "val/acc", "val/f1", "test/acc", "lr-AdamW"} <= set(tags["scalars"])
+    assert "test/confusion_matrix" in tags["images"]
+    assert any(t.startswith("test/pr_curve/spam") for t in tags["tensors"])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("model.trainable_layers=most", "model.trainable_layers='most' is not valid; choose one of head, last_block"),
+        ("data.padding=wide", "data.padding='wide' is not valid; choose one of longest_train, batch"),
+        ("model.pooling=max", "model.pooling='max' is not valid"),
+        ("data.path=/no/such/file.csv", "/no/such/file.csv: file not found"),
+        ("ckpt_path=/no/such.ckpt", "/no/such.ckpt: checkpoint not found"),
+        ("+model.colour=red", "model: "),
+    ],
+)
+def test_user_mistakes_end_in_one_line_and_leave_no_run_folder(override, match, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = compose_cfg([*TINY, override], out)
+    with pytest.raises(SystemExit) as info:
+        main(cfg)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    assert not out.exists()
+
+
+def _cli(args, tmp_path, timeout=300, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "train.py", *args, f"paths.log_dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_cli_default_pretrained_offline_stops_with_one_clear_line(tmp_path):
+    proc = _cli(["trainer.accelerator=cpu"], tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: pretrained weights openai-community/gpt2") and "model.weights_path" in last
+    assert not list(tmp_path.rglob("metrics.json")) and not list((tmp_path / "train" / "runs").glob("*"))
+
+
+def test_cli_unknown_model_lists_the_choices(tmp_path):
+    proc = _cli(["model=gpt2-huge"], tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "gpt2-huge" in proc.stderr and "gpt2-medium" in proc.stderr
+
+
+def test_cli_multirun_prints_and_writes_a_sorted_summary(tmp_path):
+    proc = _cli(["-m", *TINY, "model.trainable_layers=all,head", "test=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = next((tmp_path / "train" / "multiruns").glob("*/summary.csv"))
+    lines = summary.read_text().strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("job,overrides,val/acc")
+    scores = [float(line.split(",")[2]) for line in lines[1:]]
+    assert scores == sorted(scores, reverse=True)
+    assert "runs by val/acc" in proc.stdout
+
+
+def test_cli_ddp_sim_runs_two_processes_into_one_run_folder(tmp_path):
+    proc = _cli([*TINY, "trainer=ddp_sim", "trainer.enable_progress_bar=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "train" / "runs").iterdir())
+    assert len(runs) == 1
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["test"]["acc"] > 0.8
+    assert "world_size: 2" in proc.stderr or "distributed_backend=gloo" in proc.stderr + proc.stdout
+
+
+def test_cli_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
+    common = [*TINY[:-1], "trainer.max_epochs=2"]
+    whole = _cli([*common, f"hydra.run.dir={tmp_path}/whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _cli([*common, f"hydra.run.dir={tmp_path}/killed", "+callbacks.die._target_=tests.helpers.DieAt",
+                   "+callbacks.die.epoch=1", "+callbacks.die.batch=40"], tmp_path)
+    assert killed.returncode == 3 and (tmp_path / "killed/checkpoints/last.ckpt").is_file()
+    assert not (tmp_path / "killed/metrics.json").exists()
+    resumed = _cli([*common, f"hydra.run.dir={tmp_path}/killed", "ckpt_path=last"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = json.loads((tmp_path / "whole/metrics.json").read_text())
+    b = json.loads((tmp_path / "killed/metrics.json").read_text())
+    for split in ("train", "val", "test"):
+        for name in ("acc", "loss"):
+            assert b[split][name] == pytest.approx(a[split][name], abs=1e-6), (split, name)
+
+
+def test_cli_optuna_search_scores_trials_on_validation(tmp_path):
+    proc = _cli([*TINY, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+                 "trainer.limit_train_batches=20"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = next((tmp_path / "train" / "multiruns").iterdir())
+    assert (sweep / "optimization_results.yaml").is_file()
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert 0.0 < best.best_value <= 1.0
+    assert all("test" not in json.loads(p.read_text()) for p in sweep.glob("*/metrics.json"))
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    run(compose_cfg([*TINY, "test=false"], out))
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_predict_cli_round_trip(trained_ckpt, tmp_path):
+    messages = ["WINNER!! Claim your £1000 prize now, call 09061701461", "are we still on for lunch?", "", "x " * 3000]
+    source = tmp_path / "in.csv"
+    import csv
+
+    with open(source, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "text"])
+        writer.writerows([[i, m] for i, m in enumerate(messages)])
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(trained_ckpt), "--input", str(source),
+                           "--output", str(out), "--chunk-size", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in rows] == messages
+    for r in rows:
+        assert r["label"] in ("ham", "spam") and r["probability"] == max(r["probabilities"].values())
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    proc = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(trained_ckpt), "--text", messages[0]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert json.loads(proc.stdout)["probability"] == pytest.approx(rows[0]["probability"], abs=1e-6)
+    bad = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(tmp_path / "missing.ckpt"), "--text", "hi"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.ckpt'}: checkpoint not found; pass the .ckpt a training run wrote (its checkpoints/ folder)"]
+
+
+def test_a_message_gets_the_same_probability_alone_or_with_long_ones(trained_ckpt):
+    from spamclf.module import load_classifier
+
+    model = load_classifier(trained_ckpt)
+    text = "Free entry in 2 a wkly comp to win FA Cup final tkts"
+    alone = model.predict_texts([text])[0]["probability"]
+    crowd = model.predict_texts(["a much longer message " * 20, text, "hi"], batch_size=3)[1]["probability"]
+    assert crowd == pytest.approx(alone, abs=1e-6)

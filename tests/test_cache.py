@@ -1,0 +1,77 @@
+import lightning as L
+import pytest
+import torch
+
+from spamclf.data import SpamDataModule
+from spamclf.module import SpamClassifier
+
+
+class StepLosses(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def _run(data_kwargs, model_kwargs, prefix_cache, max_memory_mb=4096):
+    L.seed_everything(123)
+    dm = SpamDataModule(**data_kwargs)
+    clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="last_block", lr=1e-3,
+                         prefix_cache=prefix_cache, cache_max_memory_mb=max_memory_mb, **model_kwargs)
+    record = StepLosses()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=15, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[record], num_sanity_val_steps=0)
+    trainer.fit(clf, datamodule=dm)
+    used = {split for split, cache in clf.caches.items() if cache is not None}
+    spilled = [c.path for c in clf.caches.values() if c is not None and c.path]
+    return record.losses, float(trainer.callback_metrics["val/acc"]), float(trainer.callback_metrics["val/loss"]), used, spilled
+
+
+@pytest.mark.parametrize(
+    "data_kwargs, model_kwargs",
+    [
+        ({}, {}),  # the book: padded to 120, last position
+        ({"padding": "batch", "bucket": True, "eval_batch_size": 32}, {"pooling": "last_nonpad"}),  # experiment=fast
+        ({"padding": "batch"}, {"pooling": "last"}),  # reads padding: the cache keeps the split's full width
+        ({"padding": "batch"}, {"pooling": "mean", "causal": False}),  # masked, bidirectional
+        ({"padding": "fixed", "max_length": 64}, {"pooling": "last", "causal": False}),  # padding as tokens, fixed width
+    ],
+)
+def test_cache_gives_the_same_steps_and_metrics(data_kwargs, model_kwargs):
+    off = _run(data_kwargs, model_kwargs, prefix_cache=False)
+    on = _run(data_kwargs, model_kwargs, prefix_cache=True)
+    assert off[3] == set() and on[3] == {"train", "val"}
+    assert len(on[0]) == len(off[0]) == 30
+    assert torch.allclose(torch.tensor(on[0]), torch.tensor(off[0]), atol=1e-5, rtol=1e-4)
+    assert on[1] == pytest.approx(off[1], abs=1e-6)
+    assert on[2] == pytest.approx(off[2], abs=1e-4)
+
+
+def test_cache_spills_to_a_file_above_its_memory_limit():
+    kwargs = ({"padding": "batch", "bucket": True}, {"pooling": "last_nonpad"})
+    in_memory = _run(*kwargs, prefix_cache=True)
+    on_disk = _run(*kwargs, prefix_cache=True, max_memory_mb=0)
+    assert on_disk[4] and not in_memory[4]
+    assert torch.allclose(torch.tensor(on_disk[0]), torch.tensor(in_memory[0]), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "model_kwargs, reason",
+    [
+        ({"trainable_layers": "all"}, "no frozen prefix"),
+        ({"trainable_layers": "lora"}, "no frozen prefix"),
+        ({"drop_rate": 0.1}, "dropout"),
+        ({"pooling": "last", "causal": False}, "padding tokens see"),
+        ({"prefix_cache": False}, "prefix_cache=false"),
+    ],
+)
+def test_cache_turns_itself_off_where_it_would_not_be_exact(model_kwargs, reason):
+    kwargs = {"trainable_layers": "last_block", **model_kwargs}
+    clf = SpamClassifier("gpt2-tiny", weights="random", **kwargs)
+    clf.hparams.tokenization = {"pad_length": None}
+    depth, why = clf.cache_plan()
+    assert why is not None and reason in why
+    ok = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="last_block")
+    ok.hparams.tokenization = {"pad_length": 120}
+    assert ok.cache_plan() == (1, None)
