@@ -7,6 +7,7 @@ It is exact: the suffix sees the very states the full forward would compute (see
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import tempfile
@@ -42,12 +43,13 @@ class PrefixCache:
 
     def __init__(self, flat: torch.Tensor, offsets: list[int], stored: list[int], depth: int, path: str | None):
         self.flat, self.offsets, self.stored, self.depth, self.path = flat, offsets, stored, depth, path
+        self.build_seconds = 0.0
         self._remove_file = weakref.finalize(self, _remove, path) if path else None  # spill files never outlive us
 
     @classmethod
     @torch.no_grad()
     def build(cls, model, dataset, pad_length: int | None, depth: int, pooling: str, use_mask: bool, *,
-              dtype: torch.dtype, device: torch.device, batch_size: int = 64, max_memory_mb: float = 4096,
+              dtype: torch.dtype, device: torch.device, tokens_per_batch: int = 2048, max_memory_mb: float = 4096,
               spill_dir: str | None = None) -> PrefixCache:
         """Run `model`'s (a GPT2) embeddings and first `depth` blocks over every row of `dataset`
         (an EncodedSplit), padded as training pads it. `use_mask`: attend only to real tokens."""
@@ -67,12 +69,13 @@ class PrefixCache:
             flat = torch.from_file(path, shared=True, size=shape[0] * shape[1], dtype=dtype).view(shape)
         else:
             flat = torch.empty(shape, dtype=dtype, device=device)
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)  # similar lengths share a batch
         was_training = model.training
         model.eval()
-        for i in range(0, len(order), batch_size):
-            rows = order[i : i + batch_size]
-            width = max(stored[r] for r in rows)
+        # Widths rounded up to a multiple of 16 where trailing padding cannot reach what is stored (causal
+        # attention, or masked): oneDNN compiles and keeps kernels per shape, so fewer shapes, less memory.
+        align = 16 if (model.cfg.causal or use_mask) and pad_length is None else 1
+        for rows in _token_batches(stored, tokens_per_batch, align):
+            width = min(-(-max(stored[r] for r in rows) // align) * align, model.cfg.context_length)
             ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
             for j, r in enumerate(rows):
                 ids[j, : min(lengths[r], width)] = torch.as_tensor(dataset.ids[r][:width])
@@ -84,12 +87,16 @@ class PrefixCache:
             for j, r in enumerate(rows):
                 flat[offsets[r] : offsets[r + 1]] = hidden[j, : stored[r]].to(dtype)
         model.train(was_training)
+        _release_freed_memory()
+        seconds = time.perf_counter() - start
         log.info(
             "prefix cache: %d rows, %d positions after %d frozen block(s), %.1f MB %s, built in %.2fs",
             len(lengths), shape[0], depth, nbytes / 2**20, f"in {path}" if path else f"on {device}",
-            time.perf_counter() - start,
+            seconds,
         )
-        return cls(flat, offsets, stored, depth, path)
+        cache = cls(flat, offsets, stored, depth, path)
+        cache.build_seconds = seconds
+        return cache
 
     def gather(self, index: torch.Tensor, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Hidden states [B, width, D] for the rows `index`."""
@@ -102,6 +109,26 @@ class PrefixCache:
     def close(self) -> None:
         if self._remove_file is not None:
             self._remove_file()
+
+
+def _token_batches(widths: list[int], budget: int, align: int = 1) -> list[list[int]]:
+    """Rows sorted by width, cut into batches of at most `budget` padded positions (widths rounded up to
+    `align`): short messages go many to a batch (big, efficient matmuls), long ones few (little padding)."""
+    batches, rows = [], []
+    for r in sorted(range(len(widths)), key=widths.__getitem__):
+        if rows and (len(rows) + 1) * (-(-widths[r] // align) * align) > budget:
+            batches.append(rows)
+            rows = []
+        rows.append(r)
+    return batches + [rows] if rows else batches
+
+
+def _release_freed_memory() -> None:
+    """Hand the activations' freed heap back to the OS (glibc keeps fragmented frees otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _remove(path: str) -> None:

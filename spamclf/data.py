@@ -240,15 +240,16 @@ class EncodedSplit(Dataset):
 class PadCollator:
     """Stacks (index, ids, label) items into a batch, right-padding with <|endoftext|>.
 
-    `pad_length=None` pads to the batch's longest message. Batches carry `input_ids` [B, T],
+    `pad_length=None` pads to the batch's longest message, rounded up to `multiple_of` (at most `limit`).
+    Batches carry `input_ids` [B, T],
     `labels` [B], `lengths` [B] (real tokens per row), `index` [B] (row in the split) and `split`.
     """
 
-    def __init__(self, pad_length: int | None, split: str):
-        self.pad_length, self.split = pad_length, split
+    def __init__(self, pad_length: int | None, split: str, multiple_of: int = 1, limit: int | None = None):
+        self.pad_length, self.split, self.multiple_of, self.limit = pad_length, split, multiple_of, limit
 
     def __call__(self, items) -> dict:
-        width = self.pad_length or max(len(ids) for _, ids, _ in items)
+        width = self.pad_length or self._round(max(len(ids) for _, ids, _ in items))
         input_ids = torch.full((len(items), width), PAD_ID, dtype=torch.long)
         for row, (_, ids, _) in enumerate(items):
             input_ids[row, : len(ids)] = torch.as_tensor(ids[:width], dtype=torch.long)
@@ -259,6 +260,10 @@ class PadCollator:
             "index": torch.tensor([index for index, _, _ in items], dtype=torch.long),
             "split": self.split,
         }
+
+    def _round(self, width: int) -> int:
+        rounded = -(-width // self.multiple_of) * self.multiple_of
+        return min(rounded, self.limit) if self.limit else rounded
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -324,6 +329,8 @@ class SpamDataModule(L.LightningDataModule):
         splits: train/val/test fractions, cut with int().
         batch_size, eval_batch_size: eval_batch_size None means batch_size.
         padding: longest_train | batch | fixed | model | none (see README).
+        pad_to_multiple_of: with padding=batch, round each batch's width up to a multiple of this: fewer
+            distinct shapes, so oneDNN compiles (and keeps in memory) fewer kernels.
         max_length: the length for padding=fixed.
         context_length: the model's context; longer messages are truncated (with one warning).
         bucket: length-bucketed random batches for the training set (with padding=batch).
@@ -348,6 +355,7 @@ class SpamDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         padding: str = "longest_train",
+        pad_to_multiple_of: int = 1,
         max_length: int | None = None,
         context_length: int = 1024,
         bucket: bool = False,
@@ -369,6 +377,8 @@ class SpamDataModule(L.LightningDataModule):
                 "padding", padding, "'none' only with batch_size=1 and eval_batch_size=1 (unpadded messages of different "
                 "lengths cannot share a batch); use padding=batch, or batch_size=1 with trainer.accumulate_grad_batches"
             )
+        if not (isinstance(pad_to_multiple_of, int) and pad_to_multiple_of >= 1):
+            raise InvalidOption("pad_to_multiple_of", pad_to_multiple_of, "a positive integer")
         if len(splits) != 3 or any(f < 0 for f in splits) or sum(splits) > 1 + 1e-9:
             raise InvalidOption("splits", list(splits), "three non-negative fractions (train, val, test) summing to at most 1")
         self.path, self.format, self.encoding = path, format, encoding
@@ -377,6 +387,7 @@ class SpamDataModule(L.LightningDataModule):
         self.balance, self.dedupe, self.seed, self.splits = balance, dedupe, seed, tuple(splits)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.padding, self.max_length, self.context_length = padding, max_length, context_length
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.bucket, self.drop_last, self.num_workers = bucket, drop_last, num_workers
         self.output_dir, self.download, self.download_url, self.cache_dir = output_dir, download, download_url, cache_dir
         self.frames: dict[str, pd.DataFrame] = {}
@@ -480,7 +491,7 @@ class SpamDataModule(L.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------------
     def collator(self, split: str) -> PadCollator:
-        return PadCollator(self.pad_length, split)
+        return PadCollator(self.pad_length, split, self.pad_to_multiple_of, self.context_length)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
@@ -516,5 +527,5 @@ class SpamDataModule(L.LightningDataModule):
     def describe(self) -> dict:
         """What prediction must repeat: label names and the padding rule (saved in checkpoints)."""
         return {"label_names": self.label_names, "padding": self.padding, "pad_length": self.pad_length,
-                "context_length": self.context_length}
+                "context_length": self.context_length, "pad_to_multiple_of": self.pad_to_multiple_of}
 

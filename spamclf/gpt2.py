@@ -130,10 +130,27 @@ class GPT2(nn.Module):
         self.out_head.weight = self.tok_emb.weight  # tied, as in GPT-2
         self.source: dict | None = None  # where pretrained weights came from: {"source", "file", "sha256"}
         if not any(p.is_meta for p in self.parameters()):
-            self.apply(self._init_weights)
-            for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
-                if name.endswith(("att.out_proj.weight", "ff.layers.2.weight")):
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+            self.reset_parameters()
+
+    @classmethod
+    def random(cls, cfg: GPTConfig) -> GPT2:
+        """A randomly initialised model, initialised once (not first by PyTorch's defaults, then by GPT-2's)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device="cpu")
+        model.out_head.weight = model.tok_emb.weight
+        model.reset_parameters()
+        return model
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 n_layers)."""
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("att.out_proj.weight", "ff.layers.2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

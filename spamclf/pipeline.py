@@ -14,6 +14,7 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -70,7 +71,9 @@ def run(cfg: DictConfig) -> dict:
         model = load_classifier(ckpt_path)
     callbacks = [build(f"callbacks.{k}", c) for k, c in (cfg.get("callbacks") or {}).items() if c and "_target_" in c]
     loggers = [build(f"logger.{k}", c) for k, c in (cfg.get("logger") or {}).items() if c and "_target_" in c]
-    trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # Without a ModelCheckpoint in callbacks, Lightning would silently add one: no hidden multi-GB writes.
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -88,6 +91,7 @@ def run(cfg: DictConfig) -> dict:
         trainer.test(model, datamodule=datamodule, ckpt_path=(best or None) if cfg.train else None)
         timings["test_s"] = time.perf_counter() - t0
         metrics = _split_metrics(trainer.callback_metrics)
+    timings["prefix_cache_s"] = sum(c.build_seconds for c in getattr(model, "caches", {}).values() if c is not None)
     timings["total_s"] = time.perf_counter() - start
     summary = {
         "objective": {"name": cfg.optimized_metric, "value": objective},

@@ -19,7 +19,14 @@ from spamclf.data import (
     read_labelled_file,
 )
 from spamclf.errors import DataError, InvalidOption, SpamclfError
-from spamclf.tokenizer import ENCODER_JSON_SHA256, PAD_ID, VOCAB_BPE_SHA256, asset_path, encode_texts, gpt2_encoding
+from spamclf.tokenizer import (
+    ENCODER_JSON_SHA256,
+    PAD_ID,
+    VOCAB_BPE_SHA256,
+    asset_path,
+    encode_texts,
+    gpt2_encoding,
+)
 
 SMS = asset_path(SMS_FILE)
 
@@ -35,7 +42,7 @@ def test_embedded_collection_is_the_official_file_with_every_message():
 def test_default_split_is_the_books(sms_module):
     sizes = {s: len(sms_module.frames[s]) for s in ("train", "val", "test")}
     assert sizes == {"train": 1045, "val": 149, "test": 300}
-    balanced = sum(((f["label"] == "spam").sum() for f in sms_module.frames.values()))
+    balanced = sum((f["label"] == "spam").sum() for f in sms_module.frames.values())
     assert balanced == 747 and sum(sizes.values()) == 2 * 747
     rows = [set(sms_module.frames[s]["line"]) for s in ("train", "val", "test")]
     assert not (rows[0] & rows[1]) and not (rows[0] & rows[2]) and not (rows[1] & rows[2])

@@ -1,0 +1,310 @@
+"""Benchmark: the book's recipe as printed vs `experiment=fast` vs a plain transformers loop, plus
+all-layers training and prediction throughput. Prints numbers; asserts nothing.
+
+    python -m spamclf.bench                         # everything, gpt2-small-sized, 5 epochs (~40 min on 2 cores)
+    python -m spamclf.bench --cases fast,peer --epochs 1 --model gpt2-tiny --predict-lines 2000   # seconds
+
+Weights are random (the open weights cannot be downloaded everywhere); shapes and FLOPs are what
+matter for speed, and accuracy is reported next to the book's numbers for the same random start.
+Each case runs in its own process, so its wall time includes start-up and its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()  # a case's wall time counts from here: start-up and imports included
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+CASES = ("ch06", "fast", "peer", "all_layers", "predict")
+BOOK = {"script_min": 16.2, "script_rss_gb": 1.33, "row10_test_acc": 0.9367}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------- children
+def _compose(overrides: list[str], out: Path):
+    from hydra import compose, initialize_config_dir
+
+    conf = ROOT / "conf"
+    if not conf.is_dir():
+        raise SystemExit(f"error: {conf} not found; run the benchmark from a source checkout")
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"paths.output_dir={out}", f"paths.log_dir={out}", "paths.root_dir=."])
+
+
+def _token_counts(cfg) -> dict:
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data, output_dir=None)
+    dm.setup()
+    train = dm.datasets["train"].lengths
+    used = len(train) // cfg.data.batch_size * cfg.data.batch_size  # drop_last
+    real = {s: sum(dm.datasets[s].lengths) for s in ("train", "val", "test")}
+    return {"train_examples": used, "real": real, "pad_length": dm.pad_length, "sizes": {s: len(dm.datasets[s]) for s in real}}
+
+
+def _gpt_sizes(model_name: str) -> dict:
+    from spamclf.gpt2 import preset
+
+    cfg = preset(model_name)
+    block = 12 * cfg.emb_dim**2 + 13 * cfg.emb_dim  # the linear weights and biases of one block (+ norms)
+    return {"block": block, "layers": cfg.n_layers, "emb_dim": cfg.emb_dim}
+
+
+def case_train(name: str, args) -> dict:
+    """ch06, fast or all_layers through the real pipeline (pipeline.run), random weights."""
+    from spamclf.pipeline import run
+
+    experiment = {"ch06": ["experiment=ch06"], "fast": ["experiment=fast"],
+                  "all_layers": ["experiment=fast", "model.trainable_layers=all"]}[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _compose([*experiment, f"model={args.model}", "model.weights=random", "callbacks=none", "logger=none",
+                        "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", f"trainer.max_epochs={args.epochs}"],
+                       Path(tmp))
+        summary = run(cfg)
+    wall = time.perf_counter() - _T0
+    tokens = _token_counts(cfg)
+    return {"wall_s": wall, "summary": summary, "tokens": tokens, "epochs": args.epochs, "model": args.model,
+            "pooling": cfg.model.pooling, "trainable": cfg.model.trainable_layers, "sizes": _gpt_sizes(args.model)}
+
+
+def case_peer(args) -> dict:
+    """A plain transformers GPT-2 loop, the book's recipe: last block + ln_f + head, last position, fp32,
+    AdamW 5e-5 / 0.1, the same padded batches in the same order."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    from spamclf.data import SpamDataModule
+    from spamclf.gpt2 import preset
+
+    torch.manual_seed(123)
+    g = preset(args.model)
+    config = GPT2Config(n_embd=g.emb_dim, n_layer=g.n_layers, n_head=g.n_heads, n_positions=g.context_length,
+                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    body = GPT2Model(config)  # transformers' default attention: SDPA
+    head = torch.nn.Linear(g.emb_dim, 2)
+    body.requires_grad_(False)
+    body.h[-1].requires_grad_(True)
+    body.ln_f.requires_grad_(True)
+    params = [p for p in (*body.parameters(), *head.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.1)
+    dm = SpamDataModule()
+    dm.setup()
+
+    def logits(batch):
+        return head(body(input_ids=batch["input_ids"]).last_hidden_state[:, -1])
+
+    def accuracy(loader):
+        body.eval()
+        right = total = 0
+        with torch.inference_mode():
+            for batch in loader:
+                right += int((logits(batch).argmax(-1) == batch["labels"]).sum())
+                total += len(batch["labels"])
+        body.train()
+        return right / total
+
+    t0 = time.perf_counter()
+    for epoch in range(args.epochs):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            loss = torch.nn.functional.cross_entropy(logits(batch), batch["labels"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        accuracy(dm.val_dataloader())
+    fit = time.perf_counter() - t0
+    test_acc = accuracy(dm.test_dataloader())
+    return {"wall_s": time.perf_counter() - _T0, "fit_s": fit, "test_acc": test_acc, "epochs": args.epochs}
+
+
+def case_predict(args) -> dict:
+    """The prediction CLI on an N-line file of SMS messages, bf16, from a saved checkpoint."""
+    import lightning as L
+    import psutil
+
+    from spamclf.data import SMS_FILE, SpamDataModule, read_labelled_file
+    from spamclf.module import SpamClassifier
+    from spamclf.tokenizer import asset_path, encode_texts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        L.seed_everything(123)
+        dm = SpamDataModule(padding="batch", bucket=True)
+        clf = SpamClassifier(args.model, weights="random", pooling="last_nonpad", prefix_cache=False)
+        trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        trainer.fit(clf, datamodule=dm)
+        trainer.save_checkpoint(tmp / "model.ckpt")
+        texts = read_labelled_file(asset_path(SMS_FILE))["text"].tolist()
+        lines = [texts[i % len(texts)].replace("\n", " ") for i in range(args.predict_lines)]
+        (tmp / "in.txt").write_text("\n".join(lines) + "\n")
+        command = [sys.executable, "-m", "spamclf.predict", "--ckpt", str(tmp / "model.ckpt"), "--input", str(tmp / "in.txt"),
+                   "--output", str(tmp / "out.jsonl"), "--bf16", "--batch-size", "64", "--chunk-size", "4096"]
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        watched = psutil.Process(proc.pid)
+        samples = []
+        while proc.poll() is None:
+            try:
+                samples.append((time.perf_counter() - start, watched.memory_info().rss))
+            except psutil.Error:
+                break
+            time.sleep(0.5)
+        _, stderr = proc.communicate()
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"error: prediction failed: {stderr.strip().splitlines()[-1:]}")
+        written = sum(1 for _ in open(tmp / "out.jsonl"))
+    tokens = sum(len(t) for t in encode_texts(lines[: len(texts)]))
+    mean_tokens = tokens / min(len(texts), len(lines))
+    rss = [r for _, r in samples]
+    # Memory over time: the first quarter (model loaded, first chunks) against the rest.
+    quarter = max(1, len(rss) // 4)
+    return {"wall_s": wall, "lines": written, "mean_tokens": mean_tokens, "peak_rss": max(rss) if rss else 0,
+            "rss_first_quarter": max(rss[:quarter]) if rss else 0, "rss_rest": max(rss[quarter:] or rss[:1]) if rss else 0,
+            "sizes": _gpt_sizes(args.model)}
+
+
+def child(case: str, args) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    result = case_peer(args) if case == "peer" else case_predict(args) if case == "predict" else case_train(case, args)
+    print("BENCH " + json.dumps(result, default=str), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def _peak_rss_of(case: str, args) -> tuple[dict, int]:
+    """Run a case and read its own peak RSS from the kernel (wait4), not from sampling."""
+    command = [sys.executable, "-m", "spamclf.bench", "--child", case, "--epochs", str(args.epochs), "--model", args.model,
+               "--predict-lines", str(args.predict_lines)]
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (stderr or stdout).strip().splitlines()[-3:]
+        raise SystemExit(f"error: bench case {case} failed: {' | '.join(tail)}")
+    result = json.loads(line[6:])
+    result["process_s"] = time.perf_counter() - start
+    return result, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def _padded_positions(tokens: dict):
+    """Positions the model computes per split: the fixed width × rows, or the real tokens (per-batch padding
+    with length buckets leaves almost none)."""
+    width = tokens["pad_length"]
+    return lambda split: width * tokens["sizes"][split] if width else tokens["real"][split]
+
+
+def _gflops(flops: float, seconds: float) -> str:
+    return f"{flops / seconds / 1e9:.0f}" if seconds > 0 else "-"
+
+
+def report(results: dict, args) -> None:
+    gb = 1024**3
+    print(f"\nspamclf benchmark — {args.model} (random weights), {args.epochs} epoch(s), batch 8; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}\n")
+    rows = []
+    for case in ("ch06", "fast", "all_layers"):
+        if case not in results:
+            continue
+        r, rss = results[case]
+        s, t = r["summary"], r["tokens"]
+        fit = s["timings"].get("fit_s", 0.0)
+        examples = t["train_examples"] * r["epochs"]
+        train_real = t["real"]["train"] * t["train_examples"] / t["sizes"]["train"] * r["epochs"]
+        rows.append((case, r["process_s"], fit, examples / fit, train_real / fit, rss / gb, s.get("test", {}).get("acc")))
+        # FLOPs: 2 per weight per token forward, 4 more backward; the frozen prefix (or the whole model when
+        # nothing is cached) forward on every split once per pass, the trainable blocks forward+backward.
+        z = r["sizes"]
+        blk = z["block"]
+        pad = _padded_positions(t)
+        cache_s = s["timings"].get("prefix_cache_s", 0.0)
+        if case == "fast":
+            prefix_flops = 2 * (z["layers"] - 1) * blk * sum(pad(sp) for sp in ("train", "val", "test"))
+            r["phases"] = {"prefix cache": (prefix_flops, cache_s),
+                           "suffix training + eval": (6 * blk * pad("train") * r["epochs"], fit - cache_s)}
+        elif case == "ch06":
+            per_epoch = 2 * z["layers"] * blk * pad("train") + 4 * blk * pad("train") + 2 * z["layers"] * blk * pad("val")
+            r["phases"] = {"fit (all forward, last block backward)": (per_epoch * r["epochs"], fit)}
+        else:
+            r["phases"] = {"fit (all layers forward + backward)": (6 * z["layers"] * blk * pad("train") * r["epochs"], fit)}
+    header = f"{'case':<12}{'wall s':>9}{'fit s':>9}{'train ex/s':>12}{'tokens/s':>11}{'peak RSS GB':>13}{'test acc':>10}"
+    print(header)
+    print("-" * len(header))
+    for case, wall, fit, ex, tok, rss, acc in rows:
+        print(f"{case:<12}{wall:>9.1f}{fit:>9.1f}{ex:>12.1f}{tok:>11.0f}{rss:>13.2f}{acc if acc is not None else float('nan'):>10.4f}")
+    if "peer" in results:
+        r, rss = results["peer"]
+        print(f"{'peer (hf)':<12}{r['process_s']:>9.1f}{r['fit_s']:>9.1f}{'':>12}{'':>11}{rss / gb:>13.2f}{r['test_acc']:>10.4f}")
+    print()
+    if "ch06" in results and "fast" in results:
+        a, b = results["ch06"][0], results["fast"][0]
+        print(f"fast vs ch06: {a['process_s'] / b['process_s']:.1f}x wall, "
+              f"{a['summary']['timings']['fit_s'] / b['summary']['timings']['fit_s']:.1f}x fit")
+    if "peer" in results and "fast" in results:
+        print(f"fast vs peer: {results['peer'][0]['process_s'] / results['fast'][0]['process_s']:.1f}x wall")
+    if "ch06" in results and "peer" in results:
+        print(f"ch06 vs peer: {results['peer'][0]['process_s'] / results['ch06'][0]['process_s']:.2f}x wall")
+    print(f"book's own script, same recipe, this CPU: {BOOK['script_min']} min, {BOOK['script_rss_gb']} GB peak RSS (issue #5)")
+    for case in ("ch06", "fast", "all_layers"):
+        if case in results:
+            for phase, (flops, seconds) in results[case][0].get("phases", {}).items():
+                print(f"  {case:<11} {phase:<40} {flops / 1e12:7.2f} TFLOP in {seconds:6.1f} s = {_gflops(flops, seconds):>5} GFLOP/s")
+    if "all_layers" in results:
+        acc = results["all_layers"][0]["summary"].get("test", {}).get("acc")
+        print(f"all layers from random init: test acc {acc:.4f} vs the book's row 10: {BOOK['row10_test_acc']:.4f}")
+    if "predict" in results:
+        r, rss = results["predict"]
+        rate = r["lines"] / r["wall_s"]
+        flops = 2 * r["sizes"]["layers"] * r["sizes"]["block"] * r["mean_tokens"] * r["lines"]
+        print(f"prediction: {r['lines']} lines in {r['wall_s']:.1f} s = {rate:.0f} messages/s (start-up included), "
+              f"~{r['mean_tokens']:.1f} tokens/message, {_gflops(flops, r['wall_s'])} GFLOP/s; "
+              f"peak RSS {rss / gb:.2f} GB (first quarter {r['rss_first_quarter'] / gb:.2f} GB, rest {r['rss_rest'] / gb:.2f} GB)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spamclf.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--model", default="gpt2-small", help="a model preset (gpt2-tiny for a smoke check)")
+    parser.add_argument("--predict-lines", type=int, default=100_000)
+    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, args)
+        return 0
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        print(f"error: --cases {','.join(unknown)} unknown; choose from {', '.join(CASES)}", file=sys.stderr)
+        return 2
+    results = {}
+    for case in [c for c in CASES if c in cases]:
+        print(f"running {case} …", file=sys.stderr, flush=True)
+        results[case] = _peak_rss_of(case, args)
+    report(results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: {"result": v[0], "peak_rss": v[1]} for k, v in results.items()}, default=str, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
