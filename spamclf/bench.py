@@ -25,6 +25,16 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 CASES = ("ch06", "fast", "peer", "all_layers", "predict")
+# experiment=fast with one piece taken away: what each piece contributes (`--cases ablations`).
+ABLATIONS = {
+    "fast-no_cache": ["model.prefix_cache=false"],
+    "fast-fp32": ["trainer.precision=32-true"],
+    "fast-no_bucket": ["data.bucket=false"],
+    "fast-pad120": ["data.padding=longest_train", "data.bucket=false"],
+}
+TRAIN_CASES = {"ch06": ["experiment=ch06"], "fast": ["experiment=fast"],
+               "all_layers": ["experiment=fast", "model.trainable_layers=all"],
+               **{name: ["experiment=fast", *extra] for name, extra in ABLATIONS.items()}}
 BOOK = {"script_min": 16.2, "script_rss_gb": 1.33, "row10_test_acc": 0.9367}
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,8 +73,7 @@ def case_train(name: str, args) -> dict:
     """ch06, fast or all_layers through the real pipeline (pipeline.run), random weights."""
     from spamclf.pipeline import run
 
-    experiment = {"ch06": ["experiment=ch06"], "fast": ["experiment=fast"],
-                  "all_layers": ["experiment=fast", "model.trainable_layers=all"]}[name]
+    experiment = TRAIN_CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _compose([*experiment, f"model={args.model}", "model.weights=random", "callbacks=none", "logger=none",
                         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", f"trainer.max_epochs={args.epochs}"],
@@ -221,7 +230,7 @@ def report(results: dict, args) -> None:
     print(f"\nspamclf benchmark — {args.model} (random weights), {args.epochs} epoch(s), batch 8; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}\n")
     rows = []
-    for case in ("ch06", "fast", "all_layers"):
+    for case in ("ch06", "fast", "all_layers", *ABLATIONS):
         if case not in results:
             continue
         r, rss = results[case]
@@ -243,7 +252,7 @@ def report(results: dict, args) -> None:
         elif case == "ch06":
             per_epoch = 2 * z["layers"] * blk * pad("train") + 4 * blk * pad("train") + 2 * z["layers"] * blk * pad("val")
             r["phases"] = {"fit (all forward, last block backward)": (per_epoch * r["epochs"], fit)}
-        else:
+        elif case == "all_layers":
             r["phases"] = {"fit (all layers forward + backward)": (6 * z["layers"] * blk * pad("train") * r["epochs"], fit)}
     header = f"{'case':<12}{'wall s':>9}{'fit s':>9}{'train ex/s':>12}{'tokens/s':>11}{'peak RSS GB':>13}{'test acc':>10}"
     print(header)
@@ -270,6 +279,16 @@ def report(results: dict, args) -> None:
     if "all_layers" in results:
         acc = results["all_layers"][0]["summary"].get("test", {}).get("acc")
         print(f"all layers from random init: test acc {acc:.4f} vs the book's row 10: {BOOK['row10_test_acc']:.4f}")
+    ablations = [name for name in ABLATIONS if name in results]
+    if ablations:
+        base = results.get("fast")
+        print("\nexperiment=fast with one piece taken away:")
+        for name in ablations:
+            r, rss = results[name]
+            ratio = f", {r['process_s'] / base[0]['process_s']:.2f}x fast's wall" if base else ""
+            print(f"  {name:<16} {' '.join(ABLATIONS[name]):<50} wall {r['process_s']:6.1f} s, fit "
+                  f"{r['summary']['timings']['fit_s']:6.1f} s, peak RSS {rss / gb:.2f} GB, test acc "
+                  f"{r['summary'].get('test', {}).get('acc', float('nan')):.4f}{ratio}")
     if "predict" in results:
         r, rss = results["predict"]
         rate = r["lines"] / r["wall_s"]
@@ -281,7 +300,8 @@ def report(results: dict, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spamclf.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated subset of {', '.join(CASES)}, ablations or {', '.join(ABLATIONS)}")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--model", default="gpt2-small", help="a model preset (gpt2-tiny for a smoke check)")
     parser.add_argument("--predict-lines", type=int, default=100_000)
@@ -292,12 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child, args)
         return 0
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = sorted(set(cases) - set(CASES))
+    cases = [name for c in cases for name in (ABLATIONS if c == "ablations" else [c])]
+    known = (*CASES, *ABLATIONS)
+    unknown = sorted(set(cases) - set(known))
     if unknown:
-        print(f"error: --cases {','.join(unknown)} unknown; choose from {', '.join(CASES)}", file=sys.stderr)
+        print(f"error: --cases {','.join(unknown)} unknown; choose from {', '.join(known)}, ablations", file=sys.stderr)
         return 2
     results = {}
-    for case in [c for c in CASES if c in cases]:
+    for case in [c for c in known if c in cases]:
         print(f"running {case} …", file=sys.stderr, flush=True)
         results[case] = _peak_rss_of(case, args)
     report(results, args)

@@ -300,7 +300,8 @@ class SpamClassifier(L.LightningModule):
         ids = [row[:limit] for row in encode_texts([str(t) for t in texts])]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         same_length_only = pad_length is None and self.hparams.pooling == "last"
-        collate = PadCollator(pad_length, "predict")
+        # Widths rounded up to 8 where padding is never read: fewer shapes for oneDNN to compile and keep.
+        collate = PadCollator(pad_length, "predict", 1 if same_length_only else 8, context)
         self.eval()
         probs: list[torch.Tensor | None] = [None] * len(ids)
         start = 0

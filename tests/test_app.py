@@ -75,6 +75,12 @@ def test_table_rows_say_what_the_book_did(tmp_path):
     assert (fast.data.padding, fast.data.bucket, fast.model.pooling, fast.trainer.precision) == ("batch", True, "last_nonpad", "bf16-mixed")
 
 
+def test_early_stopping_is_one_switch_away(tmp_path):
+    assert "early_stopping" not in compose_cfg([], tmp_path).callbacks
+    cfg = compose_cfg(["callbacks=with_early_stopping"], tmp_path)
+    assert cfg.callbacks.early_stopping.monitor == "val/acc" and "model_checkpoint" in cfg.callbacks
+
+
 def test_smoke_run_writes_a_complete_run_folder(tmp_path):
     cfg = compose_cfg([*TINY[:-1], "trainer.max_epochs=2"], tmp_path)
     summary = run(cfg)
@@ -230,3 +236,22 @@ def test_a_message_gets_the_same_probability_alone_or_with_long_ones(trained_ckp
     alone = model.predict_texts([text])[0]["probability"]
     crowd = model.predict_texts(["a much longer message " * 20, text, "hi"], batch_size=3)[1]["probability"]
     assert crowd == pytest.approx(alone, abs=1e-6)
+
+
+def test_train_false_evaluates_a_checkpoint(trained_ckpt, tmp_path):
+    summary = run(compose_cfg([*TINY, "train=false", f"ckpt_path={trained_ckpt}"], tmp_path / "eval"))
+    assert summary["best_checkpoint"] == str(trained_ckpt)
+    assert set(summary) >= {"train", "val", "test"} and summary["test"]["acc"] > 0.85
+    assert (tmp_path / "eval" / "metrics.json").is_file() and not (tmp_path / "eval" / "checkpoints").exists()
+
+
+def test_benchmark_runs_in_tiny_mode():
+    proc = subprocess.run([sys.executable, "-m", "spamclf.bench", "--model", "gpt2-tiny", "--epochs", "1",
+                           "--cases", "ch06,fast,predict", "--predict-lines", "300"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("fast ") for line in lines) and any(line.startswith("ch06 ") for line in lines)
+    assert "fast vs ch06:" in proc.stdout and "prediction: 300 lines" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "spamclf.bench", "--cases", "warp"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown" in bad.stderr

@@ -321,3 +321,18 @@ def test_download_over_loopback_http_and_a_tampered_file(tmp_path):
 
 def test_errors_are_value_errors():
     assert issubclass(DataError, SpamclfError) and issubclass(SpamclfError, ValueError)
+
+
+def test_pad_to_multiple_of_rounds_batch_widths_within_the_context():
+    dm = SpamDataModule(padding="batch", pad_to_multiple_of=8)
+    dm.setup()
+    for i, batch in enumerate(dm.train_dataloader()):
+        width, longest = batch["input_ids"].shape[1], int(batch["lengths"].max())
+        assert width % 8 == 0 and longest <= width < longest + 8
+        if i == 10:
+            break
+    capped = SpamDataModule(padding="batch", pad_to_multiple_of=64, context_length=100)
+    capped.setup()
+    assert max(b["input_ids"].shape[1] for b in capped.val_dataloader()) <= 100
+    with pytest.raises(InvalidOption, match="pad_to_multiple_of"):
+        SpamDataModule(pad_to_multiple_of=0)
