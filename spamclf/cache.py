@@ -16,6 +16,7 @@ import weakref
 
 import torch
 
+from spamclf.gpt2 import real_tokens
 from spamclf.tokenizer import PAD_ID
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,7 @@ class PrefixCache:
                 ids[j, : min(lengths[r], width)] = torch.as_tensor(dataset.ids[r][:width])
             valid = None
             if use_mask:
-                real = torch.tensor([min(lengths[r], width) for r in rows])
-                valid = (torch.arange(width)[None, :] < real[:, None]).to(device)
+                valid = real_tokens(torch.tensor([min(lengths[r], width) for r in rows]), width).to(device)
             hidden = model.run_blocks(model.embed(ids.to(device)), 0, depth, valid)
             for j, r in enumerate(rows):
                 flat[offsets[r] : offsets[r + 1]] = hidden[j, : stored[r]].to(dtype)

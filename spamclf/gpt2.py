@@ -106,6 +106,11 @@ class TransformerBlock(nn.Module):
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
+def real_tokens(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] boolean mask of each right-padded row's first `lengths[b]` (real) positions."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
 def attention_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
     """SDPA boolean mask [B, 1, T, T] from a [B, T] mask of real tokens: no query attends to padding.
     Every query keeps at least the first token, so no row is fully masked."""

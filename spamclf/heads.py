@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from spamclf.errors import InvalidOption
-from spamclf.gpt2 import GPT2
+from spamclf.gpt2 import GPT2, real_tokens
 
 POOLING_CHOICES = ("last", "first", "last_nonpad", "mean")
 TRAINABLE_NAMES = ("head", "last_block", "last_two_blocks", "all", "lora")
@@ -100,6 +100,6 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
     if pooling == "last_nonpad":
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
     if pooling == "mean":
-        real = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
+        real = real_tokens(lengths, hidden.shape[1])
         return (hidden * real[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
     raise InvalidOption("pooling", pooling, "one of " + ", ".join(POOLING_CHOICES))

@@ -27,7 +27,7 @@ from torchmetrics.classification import (
 from spamclf.cache import PrefixCache, cache_blocker
 from spamclf.data import PadCollator
 from spamclf.errors import CheckpointError, InvalidOption, SpamclfError
-from spamclf.gpt2 import GPT2, preset
+from spamclf.gpt2 import GPT2, preset, real_tokens
 from spamclf.heads import (
     apply_trainable_layers,
     check_pooling,
@@ -144,7 +144,7 @@ class SpamClassifier(L.LightningModule):
     def valid_mask(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
         if not self.use_mask:
             return None
-        return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < lengths.to(input_ids.device)[:, None]
+        return real_tokens(lengths.to(input_ids.device), input_ids.shape[1])
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, hidden: torch.Tensor | None = None,
                 start_block: int = 0) -> torch.Tensor:
