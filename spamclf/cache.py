@@ -15,11 +15,13 @@ import time
 import weakref
 
 import torch
+import torch.nn.functional as F
 
-from spamclf.gpt2 import real_tokens
+from spamclf.gpt2 import Packed, real_tokens
 from spamclf.tokenizer import PAD_ID
 
 log = logging.getLogger(__name__)
+FILL = 128  # packed batches are padded to a multiple of this many positions
 
 
 def cache_blocker(depth: int, drop_rate: float, causal: bool, pooling: str, pad_length: int | None) -> str | None:
@@ -42,8 +44,8 @@ class PrefixCache:
     fixed width. Positions past what a row keeps are served as zeros: nothing reads them.
     """
 
-    def __init__(self, flat: torch.Tensor, offsets: list[int], stored: list[int], depth: int, path: str | None):
-        self.flat, self.offsets, self.stored, self.depth, self.path = flat, offsets, stored, depth, path
+    def __init__(self, flat: torch.Tensor, starts: list[int], stored: list[int], depth: int, path: str | None):
+        self.flat, self.starts, self.stored, self.depth, self.path = flat, starts, stored, depth, path
         self.build_seconds = 0.0
         self._remove_file = weakref.finalize(self, _remove, path) if path else None  # spill files never outlive us
 
@@ -58,10 +60,11 @@ class PrefixCache:
         lengths = dataset.lengths
         widest = max(lengths)
         stored = [pad_length or (widest if pooling == "last" else n) for n in lengths]
-        offsets = [0]
-        for n in stored:
-            offsets.append(offsets[-1] + n)
-        shape = (offsets[-1], model.cfg.emb_dim)
+        batches = _token_batches(stored, tokens_per_batch)
+        starts, position = [0] * len(stored), 0  # rows are stored in build order: one copy per batch
+        for r in (r for rows in batches for r in rows):
+            starts[r], position = position, position + stored[r]
+        shape = (position, model.cfg.emb_dim)
         nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
         path = None
         if nbytes > max_memory_mb * 2**20 and device.type == "cpu":
@@ -72,10 +75,11 @@ class PrefixCache:
             flat = torch.empty(shape, dtype=dtype, device=device)
         was_training = model.training
         model.eval()
-        # Widths rounded up to a multiple of 16 where trailing padding cannot reach what is stored (causal
-        # attention, or masked): oneDNN compiles and keeps kernels per shape, so fewer shapes, less memory.
+        # The linear layers see only the stored positions, packed ([N, D], N rounded up to a multiple of
+        # FILL: few matmul shapes); attention sees them on a padded grid whose width is rounded up to 16
+        # where trailing padding cannot reach what is stored (causal attention, or masked).
         align = 16 if (model.cfg.causal or use_mask) and pad_length is None else 1
-        for rows in _token_batches(stored, tokens_per_batch, align):
+        for rows in batches:
             width = min(-(-max(stored[r] for r in rows) // align) * align, model.cfg.context_length)
             ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
             for j, r in enumerate(rows):
@@ -83,9 +87,11 @@ class PrefixCache:
             valid = None
             if use_mask:
                 valid = real_tokens(torch.tensor([min(lengths[r], width) for r in rows]), width).to(device)
-            hidden = model.run_blocks(model.embed(ids.to(device)), 0, depth, valid)
-            for j, r in enumerate(rows):
-                flat[offsets[r] : offsets[r + 1]] = hidden[j, : stored[r]].to(dtype)
+            packed = Packed.of(real_tokens(torch.tensor([stored[r] for r in rows]), width).to(device))
+            n = packed.index.numel()
+            x = model.embed(ids.to(device)).flatten(0, 1).index_select(0, packed.index)
+            hidden = model.run_blocks(F.pad(x, (0, 0, 0, -n % FILL)), 0, depth, valid, packed=packed)
+            flat[starts[rows[0]] : starts[rows[0]] + n] = hidden[:n].to(dtype)
         model.train(was_training)
         _release_freed_memory()
         seconds = time.perf_counter() - start
@@ -94,7 +100,7 @@ class PrefixCache:
             len(lengths), shape[0], depth, nbytes / 2**20, f"in {path}" if path else f"on {device}",
             seconds,
         )
-        cache = cls(flat, offsets, stored, depth, path)
+        cache = cls(flat, starts, stored, depth, path)
         cache.build_seconds = seconds
         return cache
 
@@ -103,7 +109,7 @@ class PrefixCache:
         out = torch.zeros(len(index), width, self.flat.shape[1], dtype=self.flat.dtype, device=self.flat.device)
         for j, r in enumerate(index.tolist()):
             n = min(self.stored[r], width)
-            out[j, :n] = self.flat[self.offsets[r] : self.offsets[r] + n]
+            out[j, :n] = self.flat[self.starts[r] : self.starts[r] + n]
         return out.to(device=device, dtype=dtype, non_blocking=True)
 
     def close(self) -> None:
@@ -111,15 +117,16 @@ class PrefixCache:
             self._remove_file()
 
 
-def _token_batches(widths: list[int], budget: int, align: int = 1) -> list[list[int]]:
-    """Rows sorted by width, cut into batches of at most `budget` padded positions (widths rounded up to
-    `align`): short messages go many to a batch (big, efficient matmuls), long ones few (little padding)."""
-    batches, rows = [], []
+def _token_batches(widths: list[int], budget: int) -> list[list[int]]:
+    """Rows sorted by width, cut into batches of at most `budget` positions (or one row): similar widths
+    go together (little padding on the attention grid), short messages many to a batch (big matmuls)."""
+    batches, rows, total = [], [], 0
     for r in sorted(range(len(widths)), key=widths.__getitem__):
-        if rows and (len(rows) + 1) * (-(-widths[r] // align) * align) > budget:
+        if rows and total + widths[r] > budget:
             batches.append(rows)
-            rows = []
+            rows, total = [], 0
         rows.append(r)
+        total += widths[r]
     return batches + [rows] if rows else batches
 
 

@@ -71,14 +71,49 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)  # fused W_query, W_key, W_value
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, at: torch.Tensor | None = None,
+                packed: Packed | None = None) -> torch.Tensor:
+        """[B, T, D] → [B, T, D]. With `at` ([B] positions): only those positions' outputs, [B, 1, D]; the
+        queries of the other positions are never computed, their keys and values are. With `packed`: x holds
+        only the positions `packed` names, [N, D], and so does the result (attention runs on the padded grid)."""
+        if packed is not None:
+            qkv = self.qkv(x)
+            grid = qkv.new_zeros(packed.batch * packed.width, qkv.shape[1])
+            grid.index_copy_(0, packed.index, qkv[: packed.index.numel()])
+            q, k, v = self._heads(grid.view(packed.batch, packed.width, -1), 3)
+            y = self._attend(q, k, v, attn_mask).reshape(-1, x.shape[1]).index_select(0, packed.index)
+            return self.out_proj(F.pad(y, (0, 0, 0, x.shape[0] - packed.index.numel())))
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if at is None:
+            return self.out_proj(self._attend(*self._heads(self.qkv(x), 3), attn_mask))
+        rows = torch.arange(b, device=x.device)
+        if type(self.qkv) is nn.Linear:
+            weight, bias = self.qkv.weight, self.qkv.bias
+            (q,) = self._heads(F.linear(x[rows, at][:, None], weight[:d], None if bias is None else bias[:d]), 1)
+            k, v = self._heads(F.linear(x, weight[d:], None if bias is None else bias[d:]), 2)
+        else:  # adapter-wrapped (LoRA): its own forward, then one query per row
+            q, k, v = self._heads(self.qkv(x), 3)
+            q = q[rows, :, at][:, :, None]
+        if attn_mask is not None:
+            attn_mask = attn_mask[rows, :, at][:, :, None, :]
+        elif self.causal:
+            attn_mask = (torch.arange(t, device=x.device)[None, :] <= at[:, None])[:, None, None, :]
+        return self.out_proj(self._attend(q, k, v, attn_mask, causal=False))
+
+    def _heads(self, fused: torch.Tensor, parts: int) -> torch.Tensor:
+        """[B, T, parts·D] → [parts, B, heads, T, D/heads]."""
+        b, t, width = fused.shape
+        return fused.view(b, t, parts, self.n_heads, width // parts // self.n_heads).permute(2, 0, 3, 1, 4)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                causal: bool | None = None) -> torch.Tensor:
+        """Scaled dot-product attention, heads merged back: [B, T_q, D]."""
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.drop_rate if self.training else 0.0,
-            is_causal=self.causal and attn_mask is None,
+            is_causal=self.causal and attn_mask is None if causal is None else causal,
         )
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+        b, h, t, hd = y.shape
+        return y.transpose(1, 2).reshape(b, t, h * hd)
 
 
 class FeedForward(nn.Module):
@@ -89,7 +124,34 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc, act, proj = self.layers
+        if _fusable_linear_gelu(x, fc, act):
+            return proj(_linear_gelu_cpu_bf16(x, fc))
         return self.layers(x)
+
+
+def _fusable_linear_gelu(x: torch.Tensor, fc: nn.Module, act: nn.Module) -> bool:
+    """Whether fc + GELU can run as one oneDNN kernel: bf16 autocast on CPU, nothing to differentiate."""
+    return (
+        _ONEDNN_LINEAR_GELU
+        and x.device.type == "cpu"
+        and type(fc) is nn.Linear
+        and isinstance(act, nn.GELU)
+        and act.approximate == "tanh"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in fc.parameters())))
+    )
+
+
+def _linear_gelu_cpu_bf16(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
+    """GELU(fc(x)) in bf16, the GELU applied to the fp32 accumulator inside the matmul (oneDNN post-op):
+    one pass instead of two, and closer to the fp32 result than rounding to bf16 in between."""
+    bias = None if fc.bias is None else fc.bias.to(torch.bfloat16)
+    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), fc.weight.to(torch.bfloat16), bias, "gelu", [], "tanh")
+
+
+_ONEDNN_LINEAR_GELU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class TransformerBlock(nn.Module):
@@ -101,9 +163,30 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), attn_mask))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, at: torch.Tensor | None = None,
+                packed: Packed | None = None) -> torch.Tensor:
+        """`at` ([B] positions): compute only those positions' outputs [B, 1, D] (what a classifier reading one
+        position per row needs from the last block; the values equal forward()'s there). `packed`: x is [N, D],
+        only the positions it names (see MultiHeadAttention)."""
+        shortcut = x if at is None else x[torch.arange(x.shape[0], device=x.device), at][:, None]
+        x = shortcut + self.drop_shortcut(self.att(self.norm1(x), attn_mask, at, packed))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+@dataclass
+class Packed:
+    """Where the rows of a packed [N, D] activation sit in a right-padded [batch, width] grid: row i at flat
+    position index[i] (b·width + t). Rows past len(index) are filler, so that many batches share one matmul
+    shape (oneDNN compiles and keeps kernels per shape); nothing reads them."""
+
+    index: torch.Tensor
+    batch: int
+    width: int
+
+    @classmethod
+    def of(cls, keep: torch.Tensor) -> Packed:
+        """From a [B, T] boolean mask of the positions to compute."""
+        return cls(keep.flatten().nonzero().squeeze(1), keep.shape[0], keep.shape[1])
 
 
 def real_tokens(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -172,11 +255,17 @@ class GPT2(nn.Module):
         return self.drop_emb(self.tok_emb(input_ids) + self.pos_emb(pos))
 
     def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None,
-                   valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Blocks [start, stop) on hidden states x; `valid` [B, T] marks real tokens (None: attend to all)."""
+                   valid: torch.Tensor | None = None, at: torch.Tensor | None = None,
+                   packed: Packed | None = None) -> torch.Tensor:
+        """Blocks [start, stop) on hidden states x; `valid` [B, T] marks real tokens (None: attend to all).
+        `at` ([B] positions): return only those positions, [B, 1, D], computing only them in the last block.
+        `packed`: x is [N, D], only the positions of a padded [B, T] batch that `packed` names."""
         mask = None if valid is None else attention_mask(valid, self.cfg.causal)
-        for block in self.trf_blocks[start:stop]:
-            x = block(x, mask)
+        blocks = self.trf_blocks[start:stop]
+        for i, block in enumerate(blocks):
+            x = block(x, mask, at if i == len(blocks) - 1 else None, packed)
+        if at is not None and not len(blocks):
+            x = x[torch.arange(x.shape[0], device=x.device), at][:, None]
         return x
 
     def features(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

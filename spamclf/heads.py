@@ -89,17 +89,24 @@ def check_pooling(pooling: str) -> None:
         raise InvalidOption("pooling", pooling, "one of " + ", ".join(POOLING_CHOICES))
 
 
+def pooled_position(lengths: torch.Tensor, width: int, pooling: str) -> torch.Tensor | None:
+    """[B] the one position each row's pooling reads, or None when it reads several (mean)."""
+    check_pooling(pooling)
+    if pooling == "last":
+        return torch.full_like(lengths, width - 1)
+    if pooling == "first":
+        return torch.zeros_like(lengths)
+    if pooling == "last_nonpad":
+        return lengths - 1
+    return None
+
+
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
     """[B, T, D] → [B, D]. last: position T-1 of the padded sequence (the book); first: position 0;
     last_nonpad: each message's last real token; mean: the average over real tokens."""
-    if pooling == "last":
-        return hidden[:, -1]
-    if pooling == "first":
-        return hidden[:, 0]
     lengths = lengths.to(hidden.device)
-    if pooling == "last_nonpad":
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
-    if pooling == "mean":
-        real = real_tokens(lengths, hidden.shape[1])
-        return (hidden * real[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
-    raise InvalidOption("pooling", pooling, "one of " + ", ".join(POOLING_CHOICES))
+    at = pooled_position(lengths, hidden.shape[1], pooling)
+    if at is not None:
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), at]
+    real = real_tokens(lengths, hidden.shape[1])
+    return (hidden * real[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)

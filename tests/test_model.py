@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spamclf.errors import CheckpointError, InvalidOption, WeightsUnavailable
-from spamclf.gpt2 import GPT2, PRESETS, preset, resolve_weights
+import spamclf.gpt2 as gpt2_module
+from spamclf.gpt2 import GPT2, PRESETS, FeedForward, Packed, _fusable_linear_gelu, preset, real_tokens, resolve_weights
 from spamclf.heads import apply_trainable_layers, count_parameters, pool, replace_head
 from spamclf.module import SpamClassifier, load_classifier
 from tests.helpers import hf_gpt2, populate_hub_cache, save_hub_layout, save_prefixed
@@ -167,6 +168,65 @@ def test_pooling_picks_the_right_positions():
     assert torch.allclose(pool(hidden, lengths, "mean"), torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)]))
     with pytest.raises(InvalidOption, match="pooling"):
         SpamClassifier("gpt2-tiny", weights="random", pooling="max")
+
+
+@pytest.mark.parametrize("pooling", ["last", "first", "last_nonpad"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("policy", ["last_block", "lora", "head"])
+def test_pooled_only_gives_the_full_models_logits_and_gradients(pooling, causal, policy):
+    kwargs = {"weights": "random", "pooling": pooling, "causal": causal, "trainable_layers": policy}
+    torch.manual_seed(0)
+    fast = SpamClassifier("gpt2-tiny", pooled_only=True, **kwargs).double()
+    full = SpamClassifier("gpt2-tiny", pooled_only=False, **kwargs).double()
+    full.load_state_dict(fast.state_dict())
+    lengths = torch.tensor([9, 3, 1, 6])
+    ids = torch.randint(0, 50000, (4, 9), generator=torch.Generator().manual_seed(2))
+    ids[~real_tokens(lengths, 9)] = 50256
+    got, expected = fast(ids, lengths), full(ids, lengths)
+    assert torch.allclose(got, expected, atol=1e-12)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    grads = [(a.grad, b.grad) for a, b in zip(fast.parameters(), full.parameters()) if a.requires_grad]
+    assert grads and all(torch.allclose(a, b, atol=1e-12) for a, b in grads)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_blocks_compute_what_padded_blocks_compute(causal):
+    torch.manual_seed(0)
+    model = GPT2.random(preset("gpt2-tiny", causal=causal)).double().eval()
+    lengths, width = torch.tensor([5, 2, 7]), 8
+    keep = real_tokens(lengths, width)
+    ids = torch.randint(0, 50000, (3, width)).masked_fill(~keep, 50256)
+    valid = None if causal else keep  # without the causal mask, padding must be masked out
+    with torch.no_grad():
+        padded = model.run_blocks(model.embed(ids), valid=valid)
+        packed = Packed.of(keep)
+        x = model.embed(ids).flatten(0, 1).index_select(0, packed.index)
+        filler = torch.nn.functional.pad(x, (0, 0, 0, 5))  # rows past the packed ones are filler
+        out = model.run_blocks(filler, valid=valid, packed=packed)
+    assert out.shape == (int(lengths.sum()) + 5, model.cfg.emb_dim)
+    assert torch.allclose(out[: int(lengths.sum())], padded[keep], atol=1e-12)
+
+
+@pytest.mark.skipif(not gpt2_module._ONEDNN_LINEAR_GELU, reason="this PyTorch build has no oneDNN fused linear")
+def test_bf16_inference_fuses_linear_and_gelu_and_stays_at_least_as_close_to_fp32(monkeypatch):
+    torch.manual_seed(0)
+    ff = FeedForward(preset("gpt2-tiny")).requires_grad_(False)
+    fc, act, _ = ff.layers
+    x = torch.randn(37, 64)
+    truth = ff(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _fusable_linear_gelu(x, fc, act)
+        fused = ff(x).float()
+        monkeypatch.setattr(gpt2_module, "_ONEDNN_LINEAR_GELU", False)
+        unfused = ff(x).float()
+    assert (fused - truth).abs().max() < 0.05
+    assert (fused - truth).abs().mean() <= (unfused - truth).abs().mean() * 1.1
+    monkeypatch.setattr(gpt2_module, "_ONEDNN_LINEAR_GELU", True)
+    ff.requires_grad_(True)  # training needs the unfused ops' backward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _fusable_linear_gelu(x, fc, act)
+    assert not _fusable_linear_gelu(x, fc, act)  # and fp32 stays fp32
 
 
 def _padded(ids, width):
