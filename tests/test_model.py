@@ -5,9 +5,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from spamclf.errors import CheckpointError, InvalidOption, WeightsUnavailable
 import spamclf.gpt2 as gpt2_module
-from spamclf.gpt2 import GPT2, PRESETS, FeedForward, Packed, _fusable_linear_gelu, preset, real_tokens, resolve_weights
+from spamclf.errors import CheckpointError, InvalidOption, WeightsUnavailable
+from spamclf.gpt2 import (
+    GPT2,
+    PRESETS,
+    FeedForward,
+    Packed,
+    _fusable_linear_gelu,
+    preset,
+    real_tokens,
+    resolve_weights,
+)
 from spamclf.heads import apply_trainable_layers, count_parameters, pool, replace_head
 from spamclf.module import SpamClassifier, load_classifier
 from tests.helpers import hf_gpt2, populate_hub_cache, save_hub_layout, save_prefixed
