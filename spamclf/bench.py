@@ -76,13 +76,25 @@ def case_train(name: str, args) -> dict:
     experiment = TRAIN_CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _compose([*experiment, f"model={args.model}", "model.weights=random", "callbacks=none", "logger=none",
-                        "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", f"trainer.max_epochs={args.epochs}"],
+                        "trainer.enable_progress_bar=false", f"trainer.accelerator={args.accelerator}", "trainer.devices=1",
+                        f"trainer.max_epochs={args.epochs}"],
                        Path(tmp))
         summary = run(cfg)
     wall = time.perf_counter() - _T0
     tokens = _token_counts(cfg)
     return {"wall_s": wall, "summary": summary, "tokens": tokens, "epochs": args.epochs, "model": args.model,
-            "pooling": cfg.model.pooling, "trainable": cfg.model.trainable_layers, "sizes": _gpt_sizes(args.model)}
+            "pooling": cfg.model.pooling, "trainable": cfg.model.trainable_layers, "sizes": _gpt_sizes(args.model),
+            "pooled_only": bool(cfg.model.pooled_only),
+            **_device_facts(args)}
+
+
+def _device_facts(args) -> dict:
+    """The card's name and this process's peak GPU memory, on GPU runs."""
+    if args.accelerator != "gpu":
+        return {}
+    import torch
+
+    return {"gpu": torch.cuda.get_device_name(0), "gpu_peak_gb": torch.cuda.max_memory_allocated() / 1024**3}
 
 
 def case_peer(args) -> dict:
@@ -95,11 +107,12 @@ def case_peer(args) -> dict:
     from spamclf.gpt2 import preset
 
     torch.manual_seed(123)
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     g = preset(args.model)
     config = GPT2Config(n_embd=g.emb_dim, n_layer=g.n_layers, n_head=g.n_heads, n_positions=g.context_length,
                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
-    body = GPT2Model(config)  # transformers' default attention: SDPA
-    head = torch.nn.Linear(g.emb_dim, 2)
+    body = GPT2Model(config).to(device)  # transformers' default attention: SDPA
+    head = torch.nn.Linear(g.emb_dim, 2).to(device)
     body.requires_grad_(False)
     body.h[-1].requires_grad_(True)
     body.ln_f.requires_grad_(True)
@@ -109,14 +122,14 @@ def case_peer(args) -> dict:
     dm.setup()
 
     def logits(batch):
-        return head(body(input_ids=batch["input_ids"]).last_hidden_state[:, -1])
+        return head(body(input_ids=batch["input_ids"].to(device)).last_hidden_state[:, -1])
 
     def accuracy(loader):
         body.eval()
         right = total = 0
         with torch.inference_mode():
             for batch in loader:
-                right += int((logits(batch).argmax(-1) == batch["labels"]).sum())
+                right += int((logits(batch).argmax(-1).cpu() == batch["labels"]).sum())
                 total += len(batch["labels"])
         body.train()
         return right / total
@@ -126,14 +139,14 @@ def case_peer(args) -> dict:
         loader = dm.train_dataloader()
         loader.sampler.set_epoch(epoch)
         for batch in loader:
-            loss = torch.nn.functional.cross_entropy(logits(batch), batch["labels"])
+            loss = torch.nn.functional.cross_entropy(logits(batch), batch["labels"].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
         accuracy(dm.val_dataloader())
     fit = time.perf_counter() - t0
     test_acc = accuracy(dm.test_dataloader())
-    return {"wall_s": time.perf_counter() - _T0, "fit_s": fit, "test_acc": test_acc, "epochs": args.epochs}
+    return {"wall_s": time.perf_counter() - _T0, "fit_s": fit, "test_acc": test_acc, "epochs": args.epochs, **_device_facts(args)}
 
 
 def case_predict(args) -> dict:
@@ -158,7 +171,8 @@ def case_predict(args) -> dict:
         lines = [texts[i % len(texts)].replace("\n", " ") for i in range(args.predict_lines)]
         (tmp / "in.txt").write_text("\n".join(lines) + "\n")
         command = [sys.executable, "-m", "spamclf.predict", "--ckpt", str(tmp / "model.ckpt"), "--input", str(tmp / "in.txt"),
-                   "--output", str(tmp / "out.jsonl"), "--bf16", "--batch-size", "64", "--chunk-size", "4096"]
+                   "--output", str(tmp / "out.jsonl"), "--bf16", "--chunk-size", "4096",
+                   "--device", "cuda" if args.accelerator == "gpu" else "cpu"]
         start = time.perf_counter()
         proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         watched = psutil.Process(proc.pid)
@@ -196,7 +210,7 @@ def child(case: str, args) -> None:
 def _peak_rss_of(case: str, args) -> tuple[dict, int]:
     """Run a case and read its own peak RSS from the kernel (wait4), not from sampling."""
     command = [sys.executable, "-m", "spamclf.bench", "--child", case, "--epochs", str(args.epochs), "--model", args.model,
-               "--predict-lines", str(args.predict_lines)]
+               "--predict-lines", str(args.predict_lines), "--accelerator", args.accelerator]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -221,14 +235,33 @@ def _padded_positions(tokens: dict):
     return lambda split: width * tokens["sizes"][split] if width else tokens["real"][split]
 
 
+def _last_block_flops(sizes: dict, tokens: int, rows: int, pooled_only: bool, backward: bool) -> float:
+    """FLOPs of the trainable last block (2 per weight and token forward; backward twice that). With
+    pooled_only, every token needs only its key and value (2·D² weights), each row one query, attention
+    output and feed-forward (10·D²)."""
+    d2 = sizes["emb_dim"] ** 2
+    forward = 2 * (2 * d2 * tokens + 10 * d2 * rows) if pooled_only else 2 * sizes["block"] * tokens
+    return forward * (3 if backward else 1)
+
+
 def _gflops(flops: float, seconds: float) -> str:
     return f"{flops / seconds / 1e9:.0f}" if seconds > 0 else "-"
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def report(results: dict, args) -> None:
     gb = 1024**3
+    cards = sorted({r[0]["gpu"] for r in results.values() if "gpu" in r[0]})
+    machine = f"{', '.join(cards)} (+ {_cpu_name()})" if cards else f"{_cpu_name()}, {os.cpu_count()} cores"
     print(f"\nspamclf benchmark — {args.model} (random weights), {args.epochs} epoch(s), batch 8; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}\n")
+          f"{machine}, torch {__import__('torch').__version__}\n")
     rows = []
     for case in ("ch06", "fast", "all_layers", *ABLATIONS):
         if case not in results:
@@ -238,7 +271,8 @@ def report(results: dict, args) -> None:
         fit = s["timings"].get("fit_s", 0.0)
         examples = t["train_examples"] * r["epochs"]
         train_real = t["real"]["train"] * t["train_examples"] / t["sizes"]["train"] * r["epochs"]
-        rows.append((case, r["process_s"], fit, examples / fit, train_real / fit, rss / gb, s.get("test", {}).get("acc")))
+        rows.append((case, r["process_s"], fit, examples / fit, train_real / fit, rss / gb, s.get("test", {}).get("acc"),
+                     r.get("gpu_peak_gb")))
         # FLOPs: 2 per weight per token forward, 4 more backward; the frozen prefix (or the whole model when
         # nothing is cached) forward on every split once per pass, the trainable blocks forward+backward.
         z = r["sizes"]
@@ -247,21 +281,27 @@ def report(results: dict, args) -> None:
         cache_s = s["timings"].get("prefix_cache_s", 0.0)
         if case == "fast":
             prefix_flops = 2 * (z["layers"] - 1) * blk * sum(pad(sp) for sp in ("train", "val", "test"))
-            r["phases"] = {"prefix cache": (prefix_flops, cache_s),
-                           "suffix training + eval": (6 * blk * pad("train") * r["epochs"], fit - cache_s)}
+            n = t["sizes"]
+            suffix = (_last_block_flops(z, pad("train"), n["train"], r["pooled_only"], backward=True)
+                      + _last_block_flops(z, pad("val"), n["val"], r["pooled_only"], backward=False)) * r["epochs"]
+            r["phases"] = {"prefix cache": (prefix_flops, cache_s), "suffix training + eval": (suffix, fit - cache_s)}
         elif case == "ch06":
             per_epoch = 2 * z["layers"] * blk * pad("train") + 4 * blk * pad("train") + 2 * z["layers"] * blk * pad("val")
             r["phases"] = {"fit (all forward, last block backward)": (per_epoch * r["epochs"], fit)}
         elif case == "all_layers":
             r["phases"] = {"fit (all layers forward + backward)": (6 * z["layers"] * blk * pad("train") * r["epochs"], fit)}
-    header = f"{'case':<12}{'wall s':>9}{'fit s':>9}{'train ex/s':>12}{'tokens/s':>11}{'peak RSS GB':>13}{'test acc':>10}"
+    gpu = bool(cards)
+    header = (f"{'case':<12}{'wall s':>9}{'fit s':>9}{'train ex/s':>12}{'tokens/s':>11}{'peak RSS GB':>13}"
+              f"{'GPU GB' if gpu else '':>8}{'test acc':>10}")
     print(header)
     print("-" * len(header))
-    for case, wall, fit, ex, tok, rss, acc in rows:
-        print(f"{case:<12}{wall:>9.1f}{fit:>9.1f}{ex:>12.1f}{tok:>11.0f}{rss:>13.2f}{acc if acc is not None else float('nan'):>10.4f}")
+    for case, wall, fit, ex, tok, rss, acc, gpu_gb in rows:
+        gpu_col = f"{gpu_gb:>8.2f}" if gpu_gb is not None else f"{'':>8}"
+        print(f"{case:<12}{wall:>9.1f}{fit:>9.1f}{ex:>12.1f}{tok:>11.0f}{rss:>13.2f}{gpu_col}{acc if acc is not None else float('nan'):>10.4f}")
     if "peer" in results:
         r, rss = results["peer"]
-        print(f"{'peer (hf)':<12}{r['process_s']:>9.1f}{r['fit_s']:>9.1f}{'':>12}{'':>11}{rss / gb:>13.2f}{r['test_acc']:>10.4f}")
+        gpu_col = f"{r['gpu_peak_gb']:>8.2f}" if "gpu_peak_gb" in r else f"{'':>8}"
+        print(f"{'peer (hf)':<12}{r['process_s']:>9.1f}{r['fit_s']:>9.1f}{'':>12}{'':>11}{rss / gb:>13.2f}{gpu_col}{r['test_acc']:>10.4f}")
     print()
     if "ch06" in results and "fast" in results:
         a, b = results["ch06"][0], results["fast"][0]
@@ -292,7 +332,9 @@ def report(results: dict, args) -> None:
     if "predict" in results:
         r, rss = results["predict"]
         rate = r["lines"] / r["wall_s"]
-        flops = 2 * r["sizes"]["layers"] * r["sizes"]["block"] * r["mean_tokens"] * r["lines"]
+        z = r["sizes"]
+        flops = (2 * (z["layers"] - 1) * z["block"] * r["mean_tokens"] * r["lines"]
+                 + _last_block_flops(z, r["mean_tokens"] * r["lines"], r["lines"], pooled_only=True, backward=False))
         print(f"prediction: {r['lines']} lines in {r['wall_s']:.1f} s = {rate:.0f} messages/s (start-up included), "
               f"~{r['mean_tokens']:.1f} tokens/message, {_gflops(flops, r['wall_s'])} GFLOP/s; "
               f"peak RSS {rss / gb:.2f} GB (first quarter {r['rss_first_quarter'] / gb:.2f} GB, rest {r['rss_rest'] / gb:.2f} GB)")
@@ -305,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--model", default="gpt2-small", help="a model preset (gpt2-tiny for a smoke check)")
     parser.add_argument("--predict-lines", type=int, default=100_000)
+    parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"), help="gpu: one CUDA device")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

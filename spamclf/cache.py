@@ -13,6 +13,8 @@ import os
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -75,25 +77,14 @@ class PrefixCache:
             flat = torch.empty(shape, dtype=dtype, device=device)
         was_training = model.training
         model.eval()
-        # The linear layers see only the stored positions, packed ([N, D], N rounded up to a multiple of
-        # FILL: few matmul shapes); attention sees them on a padded grid whose width is rounded up to 16
-        # where trailing padding cannot reach what is stored (causal attention, or masked).
+        # Trailing padding on the attention grid cannot reach what is stored with causal (or masked)
+        # attention: widths rounded up to 16 there, for fewer kernel shapes.
         align = 16 if (model.cfg.causal or use_mask) and pad_length is None else 1
-        for rows in batches:
-            width = min(-(-max(stored[r] for r in rows) // align) * align, model.cfg.context_length)
-            ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-            for j, r in enumerate(rows):
-                ids[j, : min(lengths[r], width)] = torch.as_tensor(dataset.ids[r][:width])
-            valid = None
-            if use_mask:
-                valid = real_tokens(torch.tensor([min(lengths[r], width) for r in rows]), width).to(device)
-            packed = Packed.of(real_tokens(torch.tensor([stored[r] for r in rows]), width).to(device))
-            n = packed.index.numel()
-            x = model.embed(ids.to(device)).flatten(0, 1).index_select(0, packed.index)
-            hidden = model.run_blocks(F.pad(x, (0, 0, 0, -n % FILL)), 0, depth, valid, packed=packed)
-            flat[starts[rows[0]] : starts[rows[0]] + n] = hidden[:n].to(dtype)
+        for batch in packed_prefix(model, dataset.ids, stored, depth, use_mask, batches=batches, align=align, device=device):
+            start_row = starts[batch.rows[0]]
+            flat[start_row : start_row + len(batch.hidden)] = batch.hidden.to(dtype)
         model.train(was_training)
-        _release_freed_memory()
+        release_freed_memory()
         seconds = time.perf_counter() - start
         log.info(
             "prefix cache: %d rows, %d positions after %d frozen block(s), %.1f MB %s, built in %.2fs",
@@ -117,12 +108,53 @@ class PrefixCache:
             self._remove_file()
 
 
-def _token_batches(widths: list[int], budget: int) -> list[list[int]]:
+@dataclass
+class PrefixBatch:
+    rows: list[int]  # row numbers in the input
+    input_ids: torch.Tensor  # [B, width], padded with <|endoftext|>
+    lengths: torch.Tensor  # [B] real tokens per row (within width)
+    packed: Packed  # where `hidden`'s rows sit on the [B, width] grid
+    hidden: torch.Tensor  # [N, D]: the stored positions of every row, row after row
+
+    def grid(self) -> torch.Tensor:
+        """`hidden` put back on the padded [B, width, D] grid (zeros where nothing was computed)."""
+        b, width = self.input_ids.shape
+        out = self.hidden.new_zeros(b * width, self.hidden.shape[1]).index_copy_(0, self.packed.index, self.hidden)
+        return out.view(b, width, -1)
+
+
+def packed_prefix(model, ids: Sequence[Sequence[int]], stored: Sequence[int], depth: int, use_mask: bool, *,
+                  device: torch.device, batches: list[list[int]] | None = None, tokens_per_batch: int = 2048,
+                  align: int = 1, one_width: bool = False) -> Iterator[PrefixBatch]:
+    """Embeddings and the first `depth` blocks of `model` (a GPT2) over rows of token ids, computing each
+    row's first `stored[r]` positions (padding past a row's ids counts as tokens there).
+
+    Rows go by width into batches of about `tokens_per_batch` positions; the linear layers see only
+    the stored positions, packed ([N, D], N rounded up to a multiple of FILL: few matmul shapes), while
+    attention sees them on the padded grid, its width rounded up to `align`. `use_mask`: attend only to
+    real tokens. `one_width`: batch only rows of the same width (their results then never depend on others)."""
+    context = model.cfg.context_length
+    for rows in batches if batches is not None else _token_batches(stored, tokens_per_batch, one_width):
+        width = min(-(-max(stored[r] for r in rows) // align) * align, context)
+        input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+        for j, r in enumerate(rows):
+            input_ids[j, : min(len(ids[r]), width)] = torch.as_tensor(ids[r][:width])
+        lengths = torch.tensor([min(len(ids[r]), width) for r in rows])
+        valid = real_tokens(lengths, width).to(device) if use_mask else None
+        packed = Packed.of(real_tokens(torch.tensor([min(stored[r], width) for r in rows]), width).to(device))
+        n = packed.index.numel()
+        x = model.embed(input_ids.to(device)).flatten(0, 1).index_select(0, packed.index)
+        hidden = model.run_blocks(F.pad(x, (0, 0, 0, -n % FILL)), 0, depth, valid, packed=packed)
+        yield PrefixBatch(rows, input_ids, lengths, packed, hidden[:n])
+
+
+def _token_batches(widths: Sequence[int], budget: int, one_width: bool = False) -> list[list[int]]:
     """Rows sorted by width, cut into batches of at most `budget` positions (or one row): similar widths
-    go together (little padding on the attention grid), short messages many to a batch (big matmuls)."""
+    go together (little padding on the attention grid), short messages many to a batch (big matmuls).
+    `one_width`: every batch holds rows of a single width."""
     batches, rows, total = [], [], 0
     for r in sorted(range(len(widths)), key=widths.__getitem__):
-        if rows and total + widths[r] > budget:
+        if rows and (total + widths[r] > budget or (one_width and widths[r] != widths[rows[0]])):
             batches.append(rows)
             rows, total = [], 0
         rows.append(r)
@@ -130,7 +162,7 @@ def _token_batches(widths: list[int], budget: int) -> list[list[int]]:
     return batches + [rows] if rows else batches
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand the activations' freed heap back to the OS (glibc keeps fragmented frees otherwise)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -24,8 +24,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from spamclf.cache import PrefixCache, cache_blocker
-from spamclf.data import PadCollator
+from spamclf.cache import PrefixCache, cache_blocker, packed_prefix, release_freed_memory
 from spamclf.errors import CheckpointError, InvalidOption, SpamclfError
 from spamclf.gpt2 import GPT2, preset, real_tokens
 from spamclf.heads import (
@@ -293,41 +292,39 @@ class SpamClassifier(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- prediction
     @torch.inference_mode()
-    def predict_texts(self, texts: Sequence[str], batch_size: int = 64, bf16: bool = False) -> list[dict]:
+    def predict_texts(self, texts: Sequence[str], batch_tokens: int = 2048, bf16: bool = False) -> list[dict]:
         """Classify raw texts with the training run's tokenization and padding rule.
 
         Each message's probability does not depend on what it is batched with: fixed padding pads every
-        message alike, and per-batch padding is only used with poolings that never read padding (with
-        pooling=last and per-batch padding, messages are batched only with others of the same length).
-        Empty text is classified as a lone <|endoftext|>; text longer than the training width (or the
-        context) is cut to it, keeping its beginning, as in training.
+        message alike, per-batch padding is only used with poolings that never read padding, and with
+        pooling=last and per-batch padding messages are batched only with others of the same length.
+        Batches hold about `batch_tokens` tokens: short messages go many to a batch. Identical texts are
+        classified once. Empty text is classified as a lone <|endoftext|>; text longer than the training
+        width (or the context) is cut to it, keeping its beginning, as in training.
         """
         tok = self.hparams.tokenization or {}
         pad_length, context = tok.get("pad_length"), tok.get("context_length", self.model.cfg.context_length)
-        limit = pad_length or context
-        ids = [row[:limit] for row in encode_texts([str(t) for t in texts])]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        distinct = list(dict.fromkeys(str(t) for t in texts))
+        ids = [row[: pad_length or context] for row in encode_texts(distinct)]
+        stored = [pad_length or len(row) for row in ids]
         same_length_only = pad_length is None and self.hparams.pooling == "last"
-        # Widths rounded up to 8 where padding is never read: fewer shapes for oneDNN to compile and keep.
-        collate = PadCollator(pad_length, "predict", 1 if same_length_only else 8, context)
+        align = 16 if (self.model.cfg.causal or self.use_mask) and pad_length is None and not same_length_only else 1
+        n_layers = self.model.cfg.n_layers
+        depth = n_layers - 1 if self.hparams.pooled_only and self.hparams.pooling != "mean" else n_layers
         self.eval()
         probs: list[torch.Tensor | None] = [None] * len(ids)
-        start = 0
-        while start < len(order):
-            stop = min(start + batch_size, len(order))
-            if same_length_only:
-                while stop > start + 1 and len(ids[order[stop - 1]]) != len(ids[order[start]]):
-                    stop -= 1
-            rows = order[start:stop]
-            batch = collate([(i, ids[i], 0) for i in rows])
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = self(batch["input_ids"].to(self.device), batch["lengths"].to(self.device))
-            for i, p in zip(rows, logits.float().softmax(-1).cpu()):
-                probs[i] = p
-            start = stop
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            for batch in packed_prefix(self.model, ids, stored, depth, self.use_mask, device=self.device,
+                                       tokens_per_batch=batch_tokens, align=align, one_width=same_length_only):
+                logits = self(batch.input_ids.to(self.device), batch.lengths.to(self.device), batch.grid(), depth)
+                for i, p in zip(batch.rows, logits.float().softmax(-1).cpu()):
+                    probs[i] = p
+        release_freed_memory()  # else glibc keeps the activations' fragmented heap: memory would creep up per chunk
+        by_text = dict(zip(distinct, probs))
         names = self.label_names
         results = []
-        for text, p in zip(texts, probs):
+        for text in texts:
+            p = by_text[str(text)]
             best = int(p.argmax())
             results.append({"text": text, "label": names[best], "probability": float(p[best]),
                             "probabilities": {n: float(v) for n, v in zip(names, p)}})

@@ -70,11 +70,11 @@ def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def predict_stream(model, texts: Iterable[str], out, batch_size: int = 64, chunk_size: int = 4096, bf16: bool = False) -> int:
+def predict_stream(model, texts: Iterable[str], out, batch_tokens: int = 2048, chunk_size: int = 4096, bf16: bool = False) -> int:
     """Write one JSON line per text to `out`; returns how many."""
     count = 0
     for chunk in chunks(texts, chunk_size):
-        for result in model.predict_texts(chunk, batch_size=batch_size, bf16=bf16):
+        for result in model.predict_texts(chunk, batch_tokens=batch_tokens, bf16=bf16):
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
         count += len(chunk)
     return count
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="write JSON lines here instead of standard output")
     parser.add_argument("--text-column", default="text", help="column of --input CSV/TSV files holding the text")
     parser.add_argument("--encoding", default="utf-8")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per batch (short messages go many to a batch)")
     parser.add_argument("--chunk-size", type=int, default=4096, help="messages read from --input at a time")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on AMX CPUs and GPUs)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_classifier(args.ckpt, map_location=args.device)
         texts = args.text if args.text is not None else iter_texts(args.input, args.text_column, args.encoding)
         if args.output is None:
-            predict_stream(model, texts, sys.stdout, args.batch_size, args.chunk_size, args.bf16)
+            predict_stream(model, texts, sys.stdout, args.batch_tokens, args.chunk_size, args.bf16)
             return 0
         target = Path(args.output)
         if not target.parent.is_dir():
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
-                count = predict_stream(model, texts, out, args.batch_size, args.chunk_size, args.bf16)
+                count = predict_stream(model, texts, out, args.batch_tokens, args.chunk_size, args.bf16)
             os.replace(tmp, target)  # a failed run never leaves a half-written output file
         finally:
             if os.path.exists(tmp):

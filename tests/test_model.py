@@ -238,6 +238,25 @@ def test_bf16_inference_fuses_linear_and_gelu_and_stays_at_least_as_close_to_fp3
     assert not _fusable_linear_gelu(x, fc, act)  # and fp32 stays fp32
 
 
+@pytest.mark.parametrize("pooling, pad_length", [("last_nonpad", None), ("mean", None), ("last", None), ("last", 12)])
+def test_predict_texts_equals_one_message_at_a_time(pooling, pad_length):
+    from spamclf.tokenizer import encode_texts
+
+    torch.manual_seed(0)
+    clf = SpamClassifier("gpt2-tiny", weights="random", pooling=pooling).eval()
+    clf.hparams.tokenization = {"pad_length": pad_length, "context_length": 1024}
+    texts = ["hi", "Free entry in 2 a wkly comp", "", "ok see you at 5", "hi", "WINNER!! claim your prize now " * 3]
+    results = clf.predict_texts(texts, batch_tokens=32)
+    for text, result in zip(texts, results):
+        ids = encode_texts([text])[0][: pad_length or 1024]
+        padded = ids + [50256] * ((pad_length or len(ids)) - len(ids))
+        with torch.no_grad():
+            expected = clf(torch.tensor([padded]), torch.tensor([len(ids)])).softmax(-1)[0]
+        assert result["text"] == text
+        assert result["probabilities"]["spam"] == pytest.approx(float(expected[1]), abs=1e-5)
+    assert results[0] == results[4]
+
+
 def _padded(ids, width):
     return torch.tensor([ids + [50256] * (width - len(ids))])
 
