@@ -28,6 +28,7 @@ CASES = ("ch06", "fast", "peer", "all_layers", "predict")
 # experiment=fast with one piece taken away: what each piece contributes (`--cases ablations`).
 ABLATIONS = {
     "fast-no_cache": ["model.prefix_cache=false"],
+    "fast-full_last_block": ["model.pooled_only=false"],
     "fast-fp32": ["trainer.precision=32-true"],
     "fast-no_bucket": ["data.bucket=false"],
     "fast-pad120": ["data.padding=longest_train", "data.bucket=false"],
