@@ -292,17 +292,17 @@ def report(results: dict, args) -> None:
         elif case == "all_layers":
             r["phases"] = {"fit (all layers forward + backward)": (6 * z["layers"] * blk * pad("train") * r["epochs"], fit)}
     gpu = bool(cards)
-    header = (f"{'case':<12}{'wall s':>9}{'fit s':>9}{'train ex/s':>12}{'tokens/s':>11}{'peak RSS GB':>13}"
+    header = (f"{'case':<22}{'wall s':>9}{'fit s':>9}{'train ex/s':>12}{'tokens/s':>11}{'peak RSS GB':>13}"
               f"{'GPU GB' if gpu else '':>8}{'test acc':>10}")
     print(header)
     print("-" * len(header))
     for case, wall, fit, ex, tok, rss, acc, gpu_gb in rows:
         gpu_col = f"{gpu_gb:>8.2f}" if gpu_gb is not None else f"{'':>8}"
-        print(f"{case:<12}{wall:>9.1f}{fit:>9.1f}{ex:>12.1f}{tok:>11.0f}{rss:>13.2f}{gpu_col}{acc if acc is not None else float('nan'):>10.4f}")
+        print(f"{case:<22}{wall:>9.1f}{fit:>9.1f}{ex:>12.1f}{tok:>11.0f}{rss:>13.2f}{gpu_col}{acc if acc is not None else float('nan'):>10.4f}")
     if "peer" in results:
         r, rss = results["peer"]
         gpu_col = f"{r['gpu_peak_gb']:>8.2f}" if "gpu_peak_gb" in r else f"{'':>8}"
-        print(f"{'peer (hf)':<12}{r['process_s']:>9.1f}{r['fit_s']:>9.1f}{'':>12}{'':>11}{rss / gb:>13.2f}{gpu_col}{r['test_acc']:>10.4f}")
+        print(f"{'peer (hf)':<22}{r['process_s']:>9.1f}{r['fit_s']:>9.1f}{'':>12}{'':>11}{rss / gb:>13.2f}{gpu_col}{r['test_acc']:>10.4f}")
     print()
     if "ch06" in results and "fast" in results:
         a, b = results["ch06"][0], results["fast"][0]
@@ -327,7 +327,7 @@ def report(results: dict, args) -> None:
         for name in ablations:
             r, rss = results[name]
             ratio = f", {r['process_s'] / base[0]['process_s']:.2f}x fast's wall" if base else ""
-            print(f"  {name:<16} {' '.join(ABLATIONS[name]):<50} wall {r['process_s']:6.1f} s, fit "
+            print(f"  {name:<22} {' '.join(ABLATIONS[name]):<50} wall {r['process_s']:6.1f} s, fit "
                   f"{r['summary']['timings']['fit_s']:6.1f} s, peak RSS {rss / gb:.2f} GB, test acc "
                   f"{r['summary'].get('test', {}).get('acc', float('nan')):.4f}{ratio}")
     if "predict" in results:

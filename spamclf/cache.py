@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spamclf.gpt2 import Packed, real_tokens
+from spamclf.gpt2 import Packed, packed_bf16_weights, real_tokens
 from spamclf.tokenizer import PAD_ID
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ class PrefixCache:
         # Trailing padding on the attention grid cannot reach what is stored with causal (or masked)
         # attention: widths rounded up to 16 there, for fewer kernel shapes.
         align = 16 if (model.cfg.causal or use_mask) and pad_length is None else 1
-        for batch in packed_prefix(model, dataset.ids, stored, depth, use_mask, batches=batches, align=align, device=device):
-            start_row = starts[batch.rows[0]]
-            flat[start_row : start_row + len(batch.hidden)] = batch.hidden.to(dtype)
+        with packed_bf16_weights(model, depth):
+            for batch in packed_prefix(model, dataset.ids, stored, depth, use_mask, batches=batches, align=align, device=device):
+                start_row = starts[batch.rows[0]]
+                flat[start_row : start_row + len(batch.hidden)] = batch.hidden.to(dtype)
         model.train(was_training)
         release_freed_memory()
         seconds = time.perf_counter() - start

@@ -26,7 +26,7 @@ from torchmetrics.classification import (
 
 from spamclf.cache import PrefixCache, cache_blocker, packed_prefix, release_freed_memory
 from spamclf.errors import CheckpointError, InvalidOption, SpamclfError
-from spamclf.gpt2 import GPT2, preset, real_tokens
+from spamclf.gpt2 import GPT2, packed_bf16_weights, preset, real_tokens
 from spamclf.heads import (
     apply_trainable_layers,
     check_pooling,
@@ -313,7 +313,7 @@ class SpamClassifier(L.LightningModule):
         depth = n_layers - 1 if self.hparams.pooled_only and self.hparams.pooling != "mean" else n_layers
         self.eval()
         probs: list[torch.Tensor | None] = [None] * len(ids)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16), packed_bf16_weights(self.model):
             for batch in packed_prefix(self.model, ids, stored, depth, self.use_mask, device=self.device,
                                        tokens_per_batch=batch_tokens, align=align, one_width=same_length_only):
                 logits = self(batch.input_ids.to(self.device), batch.lengths.to(self.device), batch.grid(), depth)

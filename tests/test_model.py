@@ -12,7 +12,8 @@ from spamclf.gpt2 import (
     PRESETS,
     FeedForward,
     Packed,
-    _fusable_linear_gelu,
+    _onednn_inference,
+    packed_bf16_weights,
     preset,
     real_tokens,
     resolve_weights,
@@ -217,25 +218,41 @@ def test_packed_blocks_compute_what_padded_blocks_compute(causal):
     assert torch.allclose(out[: int(lengths.sum())], padded[keep], atol=1e-12)
 
 
-@pytest.mark.skipif(not gpt2_module._ONEDNN_LINEAR_GELU, reason="this PyTorch build has no oneDNN fused linear")
+@pytest.mark.skipif(not gpt2_module._ONEDNN, reason="this PyTorch build has no oneDNN linear")
 def test_bf16_inference_fuses_linear_and_gelu_and_stays_at_least_as_close_to_fp32(monkeypatch):
     torch.manual_seed(0)
     ff = FeedForward(preset("gpt2-tiny")).requires_grad_(False)
-    fc, act, _ = ff.layers
+    fc = ff.layers[0]
     x = torch.randn(37, 64)
     truth = ff(x)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _fusable_linear_gelu(x, fc, act)
+        assert _onednn_inference(x, fc)
         fused = ff(x).float()
-        monkeypatch.setattr(gpt2_module, "_ONEDNN_LINEAR_GELU", False)
+        monkeypatch.setattr(gpt2_module, "_ONEDNN", False)
         unfused = ff(x).float()
     assert (fused - truth).abs().max() < 0.05
     assert (fused - truth).abs().mean() <= (unfused - truth).abs().mean() * 1.1
-    monkeypatch.setattr(gpt2_module, "_ONEDNN_LINEAR_GELU", True)
+    monkeypatch.setattr(gpt2_module, "_ONEDNN", True)
     ff.requires_grad_(True)  # training needs the unfused ops' backward
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not _fusable_linear_gelu(x, fc, act)
-    assert not _fusable_linear_gelu(x, fc, act)  # and fp32 stays fp32
+        assert not _onednn_inference(x, fc)
+    assert not _onednn_inference(x, fc)  # and fp32 stays fp32
+
+
+@pytest.mark.skipif(not gpt2_module._ONEDNN, reason="this PyTorch build has no oneDNN linear")
+def test_prepacked_bf16_weights_give_the_same_numbers_and_leave_nothing_behind():
+    torch.manual_seed(0)
+    model = GPT2.random(preset("gpt2-tiny")).requires_grad_(False).eval()
+    model.trf_blocks[-1].requires_grad_(True)  # trainable layers are never packed
+    ids = torch.randint(0, 50000, (3, 11))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.run_blocks(model.embed(ids))
+        with packed_bf16_weights(model):
+            assert hasattr(model.trf_blocks[0].att.qkv, "onednn_bf16")
+            assert not hasattr(model.trf_blocks[-1].att.qkv, "onednn_bf16")
+            got = model.run_blocks(model.embed(ids))
+    assert torch.equal(got, expected)
+    assert not any(hasattr(m, "onednn_bf16") for m in model.modules())
 
 
 @pytest.mark.parametrize("pooling, pad_length", [("last_nonpad", None), ("mean", None), ("last", None), ("last", 12)])
