@@ -77,11 +77,8 @@ class PrefixCache:
             flat = torch.empty(shape, dtype=dtype, device=device)
         was_training = model.training
         model.eval()
-        # Trailing padding on the attention grid cannot reach what is stored with causal (or masked)
-        # attention: widths rounded up to 16 there, for fewer kernel shapes.
-        align = 16 if (model.cfg.causal or use_mask) and pad_length is None else 1
         with packed_bf16_weights(model, depth):
-            for batch in packed_prefix(model, dataset.ids, stored, depth, use_mask, batches=batches, align=align, device=device):
+            for batch in packed_prefix(model, dataset.ids, stored, depth, use_mask, pad_length, batches=batches, device=device):
                 start_row = starts[batch.rows[0]]
                 flat[start_row : start_row + len(batch.hidden)] = batch.hidden.to(dtype)
         model.train(was_training)
@@ -124,17 +121,21 @@ class PrefixBatch:
         return out.view(b, width, -1)
 
 
-def packed_prefix(model, ids: Sequence[Sequence[int]], stored: Sequence[int], depth: int, use_mask: bool, *,
-                  device: torch.device, batches: list[list[int]] | None = None, tokens_per_batch: int = 2048,
-                  align: int = 1, one_width: bool = False) -> Iterator[PrefixBatch]:
+def packed_prefix(model, ids: Sequence[Sequence[int]], stored: Sequence[int], depth: int, use_mask: bool,
+                  pad_length: int | None, *, device: torch.device, batches: list[list[int]] | None = None,
+                  tokens_per_batch: int = 2048, one_width: bool = False) -> Iterator[PrefixBatch]:
     """Embeddings and the first `depth` blocks of `model` (a GPT2) over rows of token ids, computing each
     row's first `stored[r]` positions (padding past a row's ids counts as tokens there).
 
     Rows go by width into batches of about `tokens_per_batch` positions; the linear layers see only
     the stored positions, packed ([N, D], N rounded up to a multiple of FILL: few matmul shapes), while
-    attention sees them on the padded grid, its width rounded up to `align`. `use_mask`: attend only to
-    real tokens. `one_width`: batch only rows of the same width (their results then never depend on others)."""
+    attention sees them on the padded grid. `use_mask`: attend only to real tokens. `pad_length`: the
+    fixed width every row is padded to, or None. `one_width`: batch only rows of the same width (their
+    results then never depend on others)."""
     context = model.cfg.context_length
+    # Where trailing padding on the grid cannot reach what is computed (causal or masked attention, no
+    # fixed width, widths that may differ), grid widths are rounded up to 16: fewer kernel shapes.
+    align = 16 if (model.cfg.causal or use_mask) and pad_length is None and not one_width else 1
     for rows in batches if batches is not None else _token_batches(stored, tokens_per_batch, one_width):
         width = min(-(-max(stored[r] for r in rows) // align) * align, context)
         input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)

@@ -308,14 +308,13 @@ class SpamClassifier(L.LightningModule):
         ids = [row[: pad_length or context] for row in encode_texts(distinct)]
         stored = [pad_length or len(row) for row in ids]
         same_length_only = pad_length is None and self.hparams.pooling == "last"
-        align = 16 if (self.model.cfg.causal or self.use_mask) and pad_length is None and not same_length_only else 1
         n_layers = self.model.cfg.n_layers
         depth = n_layers - 1 if self.hparams.pooled_only and self.hparams.pooling != "mean" else n_layers
         self.eval()
         probs: list[torch.Tensor | None] = [None] * len(ids)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16), packed_bf16_weights(self.model):
-            for batch in packed_prefix(self.model, ids, stored, depth, self.use_mask, device=self.device,
-                                       tokens_per_batch=batch_tokens, align=align, one_width=same_length_only):
+            for batch in packed_prefix(self.model, ids, stored, depth, self.use_mask, pad_length, device=self.device,
+                                       tokens_per_batch=batch_tokens, one_width=same_length_only):
                 logits = self(batch.input_ids.to(self.device), batch.lengths.to(self.device), batch.grid(), depth)
                 for i, p in zip(batch.rows, logits.float().softmax(-1).cpu()):
                     probs[i] = p
