@@ -90,7 +90,7 @@ class MultiHeadAttention(nn.Module):
         rows = torch.arange(b, device=x.device)
         if type(self.qkv) is nn.Linear:
             weight, bias = self.qkv.weight, self.qkv.bias
-            (q,) = self._heads(F.linear(x[rows, at][:, None], weight[:d], None if bias is None else bias[:d]), 1)
+            (q,) = self._heads(F.linear(at_positions(x, at)[:, None], weight[:d], None if bias is None else bias[:d]), 1)
             k, v = self._heads(F.linear(x, weight[d:], None if bias is None else bias[d:]), 2)
         else:  # adapter-wrapped (LoRA): its own forward, then one query per row
             q, k, v = self._heads(self.qkv(x), 3)
@@ -195,7 +195,7 @@ class TransformerBlock(nn.Module):
         """`at` ([B] positions): compute only those positions' outputs [B, 1, D] (what a classifier reading one
         position per row needs from the last block; the values equal forward()'s there). `packed`: x is [N, D],
         only the positions it names (see MultiHeadAttention)."""
-        shortcut = x if at is None else x[torch.arange(x.shape[0], device=x.device), at][:, None]
+        shortcut = x if at is None else at_positions(x, at)[:, None]
         x = shortcut + self.drop_shortcut(self.att(self.norm1(x), attn_mask, at, packed))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
@@ -214,6 +214,11 @@ class Packed:
     def of(cls, keep: torch.Tensor) -> Packed:
         """From a [B, T] boolean mask of the positions to compute."""
         return cls(keep.flatten().nonzero().squeeze(1), keep.shape[0], keep.shape[1])
+
+
+def at_positions(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """[B, T, ...] → [B, ...]: row b at position at[b]."""
+    return x[torch.arange(x.shape[0], device=x.device), at]
 
 
 def real_tokens(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -292,7 +297,7 @@ class GPT2(nn.Module):
         for i, block in enumerate(blocks):
             x = block(x, mask, at if i == len(blocks) - 1 else None, packed)
         if at is not None and not len(blocks):
-            x = x[torch.arange(x.shape[0], device=x.device), at][:, None]
+            x = at_positions(x, at)[:, None]
         return x
 
     def features(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from spamclf.errors import InvalidOption
-from spamclf.gpt2 import GPT2, real_tokens
+from spamclf.gpt2 import GPT2, at_positions, real_tokens
 
 POOLING_CHOICES = ("last", "first", "last_nonpad", "mean")
 TRAINABLE_NAMES = ("head", "last_block", "last_two_blocks", "all", "lora")
@@ -107,6 +107,6 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
     lengths = lengths.to(hidden.device)
     at = pooled_position(lengths, hidden.shape[1], pooling)
     if at is not None:
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), at]
+        return at_positions(hidden, at)
     real = real_tokens(lengths, hidden.shape[1])
     return (hidden * real[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
