@@ -172,7 +172,7 @@ def case_predict(args) -> dict:
         lines = [texts[i % len(texts)].replace("\n", " ") for i in range(args.predict_lines)]
         (tmp / "in.txt").write_text("\n".join(lines) + "\n")
         command = [sys.executable, "-m", "spamclf.predict", "--ckpt", str(tmp / "model.ckpt"), "--input", str(tmp / "in.txt"),
-                   "--output", str(tmp / "out.jsonl"), "--bf16", "--chunk-size", "4096",
+                   "--output", str(tmp / "out.jsonl"), "--precision", args.predict_precision, "--chunk-size", "4096",
                    "--device", "cuda" if args.accelerator == "gpu" else "cpu"]
         start = time.perf_counter()
         proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -188,13 +188,14 @@ def case_predict(args) -> dict:
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"error: prediction failed: {stderr.strip().splitlines()[-1:]}")
+        precision = next((ln.split(" -> ")[1].split(":")[0] for ln in stderr.splitlines() if ln.startswith("precision ")), "?")
         written = sum(1 for _ in open(tmp / "out.jsonl"))
     tokens = sum(len(t) for t in encode_texts(lines[: len(texts)]))
     mean_tokens = tokens / min(len(texts), len(lines))
     rss = [r for _, r in samples]
     # Memory over time: the first quarter (model loaded, first chunks) against the rest.
     quarter = max(1, len(rss) // 4)
-    return {"wall_s": wall, "lines": written, "mean_tokens": mean_tokens, "peak_rss": max(rss) if rss else 0,
+    return {"wall_s": wall, "lines": written, "mean_tokens": mean_tokens, "peak_rss": max(rss) if rss else 0, "precision": precision,
             "rss_first_quarter": max(rss[:quarter]) if rss else 0, "rss_rest": max(rss[quarter:] or rss[:1]) if rss else 0,
             "sizes": _gpt_sizes(args.model)}
 
@@ -211,7 +212,8 @@ def child(case: str, args) -> None:
 def _peak_rss_of(case: str, args) -> tuple[dict, int]:
     """Run a case and read its own peak RSS from the kernel (wait4), not from sampling."""
     command = [sys.executable, "-m", "spamclf.bench", "--child", case, "--epochs", str(args.epochs), "--model", args.model,
-               "--predict-lines", str(args.predict_lines), "--accelerator", args.accelerator]
+               "--predict-lines", str(args.predict_lines), "--accelerator", args.accelerator,
+               "--predict-precision", args.predict_precision]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -257,12 +259,26 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def cpu_header() -> str:
+    """The CPU as the precision choice sees it, and its measured matmul rates."""
+    import torch
+
+    from spamclf.hardware import cpu, cpu_bf16_summary, matmul_gflops, resolve_precision
+
+    info = cpu()
+    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    return (f"CPU: {info.model}; torch capability {info.capability}; {cpu_bf16_summary()}; "
+            f"1024² matmul fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s ({bf16 / fp32:.2f}x); "
+            f"precision auto -> {resolve_precision('auto', 'cpu').used}")
+
+
 def report(results: dict, args) -> None:
     gb = 1024**3
     cards = sorted({r[0]["gpu"] for r in results.values() if "gpu" in r[0]})
     machine = f"{', '.join(cards)} (+ {_cpu_name()})" if cards else f"{_cpu_name()}, {os.cpu_count()} cores"
     print(f"\nspamclf benchmark — {args.model} (random weights), {args.epochs} epoch(s), batch 8; "
-          f"{machine}, torch {__import__('torch').__version__}\n")
+          f"{machine}, torch {__import__('torch').__version__}")
+    print(cpu_header() + "\n")
     rows = []
     for case in ("ch06", "fast", "all_layers", *ABLATIONS):
         if case not in results:
@@ -273,7 +289,7 @@ def report(results: dict, args) -> None:
         examples = t["train_examples"] * r["epochs"]
         train_real = t["real"]["train"] * t["train_examples"] / t["sizes"]["train"] * r["epochs"]
         rows.append((case, r["process_s"], fit, examples / fit, train_real / fit, rss / gb, s.get("test", {}).get("acc"),
-                     r.get("gpu_peak_gb")))
+                     r.get("gpu_peak_gb"), s.get("precision", {}).get("used", "?")))
         # FLOPs: 2 per weight per token forward, 4 more backward; the frozen prefix (or the whole model when
         # nothing is cached) forward on every split once per pass, the trainable blocks forward+backward.
         z = r["sizes"]
@@ -293,17 +309,17 @@ def report(results: dict, args) -> None:
         elif case == "all_layers":
             r["phases"] = {"fit (all layers forward + backward)": (6 * z["layers"] * blk * pad("train") * r["epochs"], fit)}
     gpu = bool(cards)
-    header = (f"{'case':<22}{'wall s':>9}{'fit s':>9}{'train ex/s':>12}{'tokens/s':>11}{'peak RSS GB':>13}"
+    header = (f"{'case':<22}{'precision':>11}{'wall s':>9}{'fit s':>9}{'train ex/s':>12}{'tokens/s':>11}{'peak RSS GB':>13}"
               f"{'GPU GB' if gpu else '':>8}{'test acc':>10}")
     print(header)
     print("-" * len(header))
-    for case, wall, fit, ex, tok, rss, acc, gpu_gb in rows:
+    for case, wall, fit, ex, tok, rss, acc, gpu_gb, precision in rows:
         gpu_col = f"{gpu_gb:>8.2f}" if gpu_gb is not None else f"{'':>8}"
-        print(f"{case:<22}{wall:>9.1f}{fit:>9.1f}{ex:>12.1f}{tok:>11.0f}{rss:>13.2f}{gpu_col}{acc if acc is not None else float('nan'):>10.4f}")
+        print(f"{case:<22}{precision:>11}{wall:>9.1f}{fit:>9.1f}{ex:>12.1f}{tok:>11.0f}{rss:>13.2f}{gpu_col}{acc if acc is not None else float('nan'):>10.4f}")
     if "peer" in results:
         r, rss = results["peer"]
         gpu_col = f"{r['gpu_peak_gb']:>8.2f}" if "gpu_peak_gb" in r else f"{'':>8}"
-        print(f"{'peer (hf)':<22}{r['process_s']:>9.1f}{r['fit_s']:>9.1f}{'':>12}{'':>11}{rss / gb:>13.2f}{gpu_col}{r['test_acc']:>10.4f}")
+        print(f"{'peer (hf)':<22}{'32-true':>11}{r['process_s']:>9.1f}{r['fit_s']:>9.1f}{'':>12}{'':>11}{rss / gb:>13.2f}{gpu_col}{r['test_acc']:>10.4f}")
     print()
     if "ch06" in results and "fast" in results:
         a, b = results["ch06"][0], results["fast"][0]
@@ -337,7 +353,7 @@ def report(results: dict, args) -> None:
         z = r["sizes"]
         flops = (2 * (z["layers"] - 1) * z["block"] * r["mean_tokens"] * r["lines"]
                  + _last_block_flops(z, r["mean_tokens"] * r["lines"], r["lines"], pooled_only=True, backward=False))
-        print(f"prediction: {r['lines']} lines in {r['wall_s']:.1f} s = {rate:.0f} messages/s (start-up included), "
+        print(f"prediction ({r['precision']}): {r['lines']} lines in {r['wall_s']:.1f} s = {rate:.0f} messages/s (start-up included), "
               f"~{r['mean_tokens']:.1f} tokens/message, {_gflops(flops, r['wall_s'])} GFLOP/s; "
               f"peak RSS {rss / gb:.2f} GB (first quarter {r['rss_first_quarter'] / gb:.2f} GB, rest {r['rss_rest'] / gb:.2f} GB)")
 
@@ -350,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gpt2-small", help="a model preset (gpt2-tiny for a smoke check)")
     parser.add_argument("--predict-lines", type=int, default=100_000)
     parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"), help="gpu: one CUDA device")
+    parser.add_argument("--predict-precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                        help="the prediction case's --precision")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

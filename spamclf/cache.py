@@ -13,13 +13,14 @@ import os
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from spamclf.gpt2 import Packed, packed_bf16_weights, real_tokens
+from spamclf.gpt2 import Packed, real_tokens
+from spamclf.hardware import onednn_bf16_inference
 from spamclf.tokenizer import PAD_ID
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,10 @@ class PrefixCache:
     @torch.no_grad()
     def build(cls, model, dataset, pad_length: int | None, depth: int, pooling: str, use_mask: bool, *,
               dtype: torch.dtype, device: torch.device, tokens_per_batch: int = 2048, max_memory_mb: float = 4096,
-              spill_dir: str | None = None) -> PrefixCache:
+              spill_dir: str | None = None, progress: Callable[[int], None] | None = None) -> PrefixCache:
         """Run `model`'s (a GPT2) embeddings and first `depth` blocks over every row of `dataset`
-        (an EncodedSplit), padded as training pads it. `use_mask`: attend only to real tokens."""
+        (an EncodedSplit), padded as training pads it. `use_mask`: attend only to real tokens.
+        `progress(n)` is called as each batch of n rows is done."""
         start = time.perf_counter()
         lengths = dataset.lengths
         widest = max(lengths)
@@ -77,10 +79,12 @@ class PrefixCache:
             flat = torch.empty(shape, dtype=dtype, device=device)
         was_training = model.training
         model.eval()
-        with packed_bf16_weights(model, depth):
+        with onednn_bf16_inference(model, depth):
             for batch in packed_prefix(model, dataset.ids, stored, depth, use_mask, pad_length, batches=batches, device=device):
                 start_row = starts[batch.rows[0]]
                 flat[start_row : start_row + len(batch.hidden)] = batch.hidden.to(dtype)
+                if progress is not None:
+                    progress(len(batch.rows))
         model.train(was_training)
         release_freed_memory()
         seconds = time.perf_counter() - start

@@ -1,30 +1,23 @@
-"""GPT-2 in plain PyTorch, with the book's attribute names and `from_pretrained` for the open weights.
+"""GPT-2 in plain PyTorch, with the book's attribute names.
 
-    model = GPT2.from_pretrained("gpt2-small")       # or a hub id, a .safetensors file, a folder
+    model = GPT2.from_pretrained("gpt2-small")       # open weights, through spamclf.weights
     model.out_head = torch.nn.Linear(768, 2)         # the book's snippets run unchanged
     logits = model(input_ids)[:, -1, :]
 
-Nothing here knows Lightning, Hydra or the data: copy this file into a notebook and it works.
+This file imports torch and nothing else: no Lightning, Hydra, data or file formats. Copy it into a
+notebook and `GPT2.random(preset("gpt2-small"))` works; `from_pretrained` needs `spamclf.weights`.
+Hardware-specific kernels are not here either: `spamclf.hardware` swaps them in around inference.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import re
-import socket
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from spamclf.errors import CheckpointError, InvalidOption, SpamclfError, WeightsUnavailable
 
 
 @dataclass
@@ -47,18 +40,12 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
     "gpt2-tiny": GPTConfig(emb_dim=64, n_layers=2, n_heads=4),  # random init only: tests and offline smoke runs
 }
-HUB_IDS = {
-    "gpt2-small": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
 def preset(name: str, **overrides) -> GPTConfig:
+    """A named configuration, with `overrides` (drop_rate, causal, …) applied."""
     if name not in PRESETS:
-        raise InvalidOption("model_name", name, "one of " + ", ".join(PRESETS))
+        raise ValueError(f"model_name={name!r} is not valid; choose one of {', '.join(PRESETS)}")
     return replace(PRESETS[name], **overrides)
 
 
@@ -67,7 +54,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         if cfg.emb_dim % cfg.n_heads:
-            raise InvalidOption("n_heads", cfg.n_heads, f"a divisor of emb_dim={cfg.emb_dim}")
+            raise ValueError(f"n_heads={cfg.n_heads} is not valid; choose a divisor of emb_dim={cfg.emb_dim}")
         self.n_heads, self.causal, self.drop_rate = cfg.n_heads, cfg.causal, cfg.drop_rate
         self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)  # fused W_query, W_key, W_value
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
@@ -78,17 +65,17 @@ class MultiHeadAttention(nn.Module):
         queries of the other positions are never computed, their keys and values are. With `packed`: x holds
         only the positions `packed` names, [N, D], and so does the result (attention runs on the padded grid)."""
         if packed is not None:
-            qkv = _linear(self.qkv, x)
+            qkv = self.qkv(x)
             grid = qkv.new_zeros(packed.batch * packed.width, qkv.shape[1])
             grid.index_copy_(0, packed.index, qkv[: packed.index.numel()])
             q, k, v = self._heads(grid.view(packed.batch, packed.width, -1), 3)
             y = self._attend(q, k, v, attn_mask).reshape(-1, x.shape[1]).index_select(0, packed.index)
-            return _linear(self.out_proj, F.pad(y, (0, 0, 0, x.shape[0] - packed.index.numel())))
+            return self.out_proj(F.pad(y, (0, 0, 0, x.shape[0] - packed.index.numel())))
         b, t, d = x.shape
         if at is None:
-            return _linear(self.out_proj, self._attend(*self._heads(_linear(self.qkv, x), 3), attn_mask))
+            return self.out_proj(self._attend(*self._heads(self.qkv(x), 3), attn_mask))
         rows = torch.arange(b, device=x.device)
-        if type(self.qkv) is nn.Linear:
+        if isinstance(self.qkv, nn.Linear):  # not an adapter wrapper (LoRA): compute only the queries asked for
             weight, bias = self.qkv.weight, self.qkv.bias
             (q,) = self._heads(F.linear(at_positions(x, at)[:, None], weight[:d], None if bias is None else bias[:d]), 1)
             k, v = self._heads(F.linear(x, weight[d:], None if bias is None else bias[d:]), 2)
@@ -99,7 +86,7 @@ class MultiHeadAttention(nn.Module):
             attn_mask = attn_mask[rows, :, at][:, :, None, :]
         elif self.causal:
             attn_mask = (torch.arange(t, device=x.device)[None, :] <= at[:, None])[:, None, None, :]
-        return _linear(self.out_proj, self._attend(q, k, v, attn_mask, causal=False))
+        return self.out_proj(self._attend(q, k, v, attn_mask, causal=False))
 
     def _heads(self, fused: torch.Tensor, parts: int) -> torch.Tensor:
         """[B, T, parts·D] → [parts, B, heads, T, D/heads]."""
@@ -125,60 +112,7 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc, act, proj = self.layers
-        if isinstance(act, nn.GELU) and act.approximate == "tanh":
-            return _linear(proj, _linear(fc, x, gelu=True))
         return self.layers(x)
-
-
-# ------------------------------------------------------------------- oneDNN for bf16 inference on CPU
-# Under bf16 autocast a frozen linear layer casts its fp32 weight to bf16 at every call, and GELU is a
-# second pass over the output. Where nothing needs gradients, `_linear` calls oneDNN directly: GELU as a
-# post-op on the fp32 accumulator (closer to fp32 than rounding in between), and with `packed_bf16_weights`
-# weights cast and laid out for the CPU's matrix units once (the same numbers, ~20% faster per layer).
-_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-           and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-def _onednn_inference(x: torch.Tensor, fc: nn.Module) -> bool:
-    return (
-        _ONEDNN
-        and x.device.type == "cpu"
-        and type(fc) is nn.Linear
-        and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in fc.parameters())))
-    )
-
-
-def _linear(fc: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-    """fc(x), then tanh-GELU if `gelu`; one oneDNN call where `_onednn_inference` allows."""
-    packed = getattr(fc, "onednn_bf16", None)
-    if (gelu or packed is not None) and _onednn_inference(x, fc):
-        weight, bias = packed or (fc.weight.to(torch.bfloat16), None if fc.bias is None else fc.bias.to(torch.bfloat16))
-        post, algorithm = ("gelu", "tanh") if gelu else ("none", "")
-        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, post, [], algorithm)
-    y = fc(x)
-    return F.gelu(y, approximate="tanh") if gelu else y
-
-
-@contextmanager
-def packed_bf16_weights(model: GPT2, stop: int | None = None):
-    """Inside: the frozen linear layers of blocks [0, stop) keep bf16 copies of their weights in oneDNN's
-    layout (2 bytes a weight while inside), used under CPU bf16 autocast where nothing needs gradients."""
-    layers = [] if not _ONEDNN else [
-        fc for block in model.trf_blocks[:stop]
-        for fc in (block.att.qkv, block.att.out_proj, block.ff.layers[0], block.ff.layers[2])
-        if type(fc) is nn.Linear and fc.weight.device.type == "cpu" and not any(p.requires_grad for p in fc.parameters())
-    ]
-    for fc in layers:
-        bias = None if fc.bias is None else fc.bias.detach().to(torch.bfloat16)
-        fc.onednn_bf16 = (torch.ops.mkldnn._reorder_linear_weight(fc.weight.detach().to(torch.bfloat16), 2048), bias)
-    try:
-        yield
-    finally:
-        for fc in layers:
-            del fc.onednn_bf16
 
 
 class TransformerBlock(nn.Module):
@@ -282,7 +216,7 @@ class GPT2(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[1]
         if t > self.cfg.context_length:
-            raise SpamclfError(f"input has {t} tokens, more than the context length {self.cfg.context_length}; truncate it")
+            raise ValueError(f"input has {t} tokens, more than the context length {self.cfg.context_length}; truncate it")
         pos = torch.arange(t, device=input_ids.device)
         return self.drop_emb(self.tok_emb(input_ids) + self.pos_emb(pos))
 
@@ -311,166 +245,8 @@ class GPT2(nn.Module):
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike = "gpt2-small", config: GPTConfig | None = None,
                         cache_dir: str | None = None, **overrides) -> GPT2:
-        """Load open GPT-2 weights. `source`: a preset name (gpt2-small … gpt2-xl), a hub id
-        (openai-community/gpt2…), a local .safetensors file, or a folder holding model.safetensors.
-        `overrides` change non-weight settings (drop_rate, causal). Returns the LM model with its tied head."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        """Open GPT-2 weights: a preset name (gpt2-small … gpt2-xl), a hub id, a .safetensors file or a
+        folder. The hub, file and key-mapping code is `spamclf.weights.load_pretrained`."""
+        from spamclf.weights import load_pretrained
 
-        weights, config_json = resolve_weights(source, cache_dir)
-        try:
-            state = load_file(weights, device="cpu")
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
-        config = replace(config or _config_for(source, config_json, state), **overrides)
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_state_dict(convert_hf_state_dict(state, model, str(weights)), strict=True, assign=True)
-        if "lm_head.weight" not in {k.removeprefix("transformer.") for k in state}:
-            model.out_head.weight = model.tok_emb.weight
-        model.source = {"source": str(source), "file": str(weights), "sha256": file_sha256(weights)}
-        return model
-
-
-# ----------------------------------------------------------------------------- checkpoint key mapping
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_KEY_MAP = [  # hub GPT-2 name → ours; the one place the two layouts meet
-    (r"wte\.weight", "tok_emb.weight"),
-    (r"wpe\.weight", "pos_emb.weight"),
-    (r"ln_f\.(weight|bias)", r"final_norm.\1"),
-    (r"lm_head\.weight", "out_head.weight"),
-    (r"h\.(\d+)\.ln_1\.(weight|bias)", r"trf_blocks.\1.norm1.\2"),
-    (r"h\.(\d+)\.ln_2\.(weight|bias)", r"trf_blocks.\1.norm2.\2"),
-    (r"h\.(\d+)\.attn\.c_attn\.(weight|bias)", r"trf_blocks.\1.att.qkv.\2"),
-    (r"h\.(\d+)\.attn\.c_proj\.(weight|bias)", r"trf_blocks.\1.att.out_proj.\2"),
-    (r"h\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"trf_blocks.\1.ff.layers.0.\2"),
-    (r"h\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"trf_blocks.\1.ff.layers.2.\2"),
-]
-_NOT_WEIGHTS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers in hub files
-
-
-def convert_hf_state_dict(state: dict[str, torch.Tensor], model: GPT2, origin: str = "checkpoint") -> dict:
-    """Map a Hugging Face GPT-2 state dict (hub layout, or `save_pretrained`'s `transformer.` prefix) to
-    ours: transpose Conv1D weights, skip the attention-mask buffers, and name any key that is
-    unexpected, missing or mis-shaped."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    out = {}
-    for key, tensor in state.items():
-        name = key.removeprefix("transformer.")
-        if _NOT_WEIGHTS.fullmatch(name):
-            continue
-        ours = next((re.sub(pat, rep, name) for pat, rep in _KEY_MAP if re.fullmatch(pat, name)), None)
-        if ours is None or ours not in expected:
-            raise CheckpointError(f"{origin}: unexpected key {key!r}; this is not a GPT-2 checkpoint of this size")
-        if name.endswith(_CONV1D):
-            tensor = tensor.t()
-        if tuple(tensor.shape) != tuple(expected[ours]):
-            raise CheckpointError(
-                f"{origin}: key {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[ours])}; "
-                f"check the model size"
-            )
-        out[ours] = tensor.contiguous()
-    out.setdefault("out_head.weight", out.get("tok_emb.weight"))
-    missing = [k for k in expected if out.get(k) is None]
-    if missing:
-        raise CheckpointError(f"{origin}: missing key(s) {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-    return out
-
-
-def _config_for(source, config_json: Path | None, tensors: dict[str, torch.Tensor]) -> GPTConfig:
-    """The checkpoint's shape: from config.json beside it, else a preset, else its tensors' shapes."""
-    if config_json is not None:
-        try:
-            hf = json.loads(Path(config_json).read_text())
-            return GPTConfig(
-                vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
-                n_layers=hf["n_layer"], n_heads=hf["n_head"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            )
-        except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{config_json}: not a GPT-2 config.json ({e!r} missing or wrong)") from None
-    if str(source) in PRESETS:
-        return PRESETS[str(source)]
-    names = {k.removeprefix("transformer.") for k in tensors}
-    if "wte.weight" not in names:
-        raise CheckpointError(f"{source}: no 'wte.weight'; this is not a GPT-2 checkpoint")
-    wte = tensors.get("wte.weight", tensors.get("transformer.wte.weight"))
-    wpe = tensors.get("wpe.weight", tensors.get("transformer.wpe.weight"))
-    n_layers = len({m.group(1) for n in names if (m := re.match(r"h\.(\d+)\.", n))})
-    shape = (wte.shape[1], n_layers)
-    match = next((c for c in PRESETS.values() if (c.emb_dim, c.n_layers) == shape), None)
-    if match is None:
-        raise CheckpointError(f"{source}: cannot tell the number of attention heads; put the model's config.json beside it")
-    return replace(match, vocab_size=wte.shape[0], context_length=wpe.shape[0])
-
-
-def resolve_weights(source: str | os.PathLike, cache_dir: str | None = None) -> tuple[Path, Path | None]:
-    """(weights file, config.json or None) for a preset name, hub id, file or folder; downloads through
-    huggingface_hub (its cache, resume, progress bar and HF_HUB_OFFLINE)."""
-    text = str(source)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        weights = path / WEIGHTS_FILE
-        if not weights.is_file():
-            raise CheckpointError(f"{path}: folder has no {WEIGHTS_FILE}; point at the .safetensors file or the right folder")
-        return weights, (path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else None
-    if path.suffix == ".safetensors" or path.is_file():
-        if not path.is_file():
-            raise CheckpointError(f"{path}: weights file not found; fix the path (model.weights_path)")
-        beside = path.parent / CONFIG_FILE
-        return path, beside if beside.is_file() else None
-    if text == "gpt2-tiny":
-        raise InvalidOption("weights", "pretrained", "'random' for gpt2-tiny (no pretrained tiny GPT-2 exists)")
-    repo = HUB_IDS.get(text, text)
-    if "/" not in repo:
-        raise InvalidOption("model_name", text, "a preset (" + ", ".join(HUB_IDS) + "), a hub id, a .safetensors file or a folder")
-    return _hub_download(repo, WEIGHTS_FILE, cache_dir), _hub_download(repo, CONFIG_FILE, cache_dir)
-
-
-def _hub_download(repo: str, filename: str, cache_dir: str | None) -> Path:
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    cached = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
-    if isinstance(cached, str):
-        return Path(cached)
-    unavailable = WeightsUnavailable(
-        f"pretrained weights {repo}/{filename} are not in the Hugging Face cache and cannot be downloaded (offline); "
-        f"fix: run once with network access, or set model.weights_path=/path/to/model.safetensors, "
-        f"or model.weights=random (or model=gpt2-tiny)"
-    )
-    if constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT):  # fail in a second, not after 5 retries
-        raise unavailable
-    try:
-        return Path(hf_hub_download(repo, filename, cache_dir=cache_dir))
-    except LocalEntryNotFoundError:
-        raise unavailable from None
-    except RepositoryNotFoundError:
-        raise SpamclfError(f"hub repository {repo!r} not found; use a preset (gpt2-small …) or a GPT-2 hub id") from None
-    except EntryNotFoundError:
-        raise SpamclfError(f"hub repository {repo!r} has no {filename}; it needs safetensors GPT-2 weights") from None
-    except OSError as e:  # HTTP and connection errors
-        raise WeightsUnavailable(f"{unavailable} [{type(e).__name__}: {e}]".replace("\n", " ")) from None
-
-
-def _reachable(endpoint: str) -> bool:
-    try:
-        socket.getaddrinfo(urlparse(endpoint).hostname, 443)
-        return True
-    except OSError:
-        return False
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a weights file; free for hub downloads, whose cache names blobs by it."""
-    real = Path(os.path.realpath(path))
-    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
-        return real.name
-    digest = hashlib.sha256()
-    with open(real, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return load_pretrained(source, config, cache_dir, **overrides)

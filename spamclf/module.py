@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +26,8 @@ from torchmetrics.classification import (
 
 from spamclf.cache import PrefixCache, cache_blocker, packed_prefix, release_freed_memory
 from spamclf.errors import CheckpointError, InvalidOption, SpamclfError
-from spamclf.gpt2 import GPT2, packed_bf16_weights, preset, real_tokens
+from spamclf.gpt2 import GPT2, PRESETS, preset, real_tokens
+from spamclf.hardware import inference_dtype, onednn_bf16_inference
 from spamclf.heads import (
     apply_trainable_layers,
     check_pooling,
@@ -36,6 +37,7 @@ from spamclf.heads import (
     pooled_position,
     replace_head,
 )
+from spamclf.progress import progress_bar
 from spamclf.tokenizer import encode_texts
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,8 @@ class SpamClassifier(L.LightningModule):
         overrides = {"drop_rate": drop_rate, "causal": causal}
         if weights == "pretrained":
             self.model = GPT2.from_pretrained(weights_path or model_name, **overrides)
+        elif model_name not in PRESETS:
+            raise InvalidOption("model_name", model_name, "one of " + ", ".join(PRESETS))
         else:
             self.model = GPT2.random(preset(model_name, **overrides))
         replace_head(self.model, len(label_names))
@@ -191,11 +195,14 @@ class SpamClassifier(L.LightningModule):
         dtype = self.hparams.cache_dtype
         if dtype == "auto":
             dtype = "bf16" if "bf16" in str(self.trainer.precision) else "fp32"
-        self.caches[split] = PrefixCache.build(
-            self.model, datamodule.datasets[split], datamodule.pad_length, depth, self.hparams.pooling, self.use_mask,
-            dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, device=self.device,
-            max_memory_mb=self.hparams.cache_max_memory_mb,
-        )
+        dataset = datamodule.datasets[split]
+        shown = self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
+        with progress_bar(f"prefix cache ({split})", len(dataset), enabled=shown) as advance:
+            self.caches[split] = PrefixCache.build(
+                self.model, dataset, datamodule.pad_length, depth, self.hparams.pooling, self.use_mask,
+                dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, device=self.device,
+                max_memory_mb=self.hparams.cache_max_memory_mb, progress=advance,
+            )
         return self.caches[split]
 
     def drop_caches(self) -> None:
@@ -292,8 +299,12 @@ class SpamClassifier(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- prediction
     @torch.inference_mode()
-    def predict_texts(self, texts: Sequence[str], batch_tokens: int = 2048, bf16: bool = False) -> list[dict]:
+    def predict_texts(self, texts: Sequence[str], batch_tokens: int = 2048, precision: str = "auto",
+                      progress: Callable[[int], None] | None = None) -> list[dict]:
         """Classify raw texts with the training run's tokenization and padding rule.
+
+        `precision`: auto (bf16 where the CPU or GPU runs it natively, else fp32; see spamclf.hardware),
+        bf16, fp16 or fp32. `progress(n)` is called as each batch of n distinct texts is done.
 
         Each message's probability does not depend on what it is batched with: fixed padding pads every
         message alike, per-batch padding is only used with poolings that never read padding, and with
@@ -312,12 +323,16 @@ class SpamClassifier(L.LightningModule):
         depth = n_layers - 1 if self.hparams.pooled_only and self.hparams.pooling != "mean" else n_layers
         self.eval()
         probs: list[torch.Tensor | None] = [None] * len(ids)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16), packed_bf16_weights(self.model):
+        dtype = inference_dtype(precision, self.device)
+        with (torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+              onednn_bf16_inference(self.model)):
             for batch in packed_prefix(self.model, ids, stored, depth, self.use_mask, pad_length, device=self.device,
                                        tokens_per_batch=batch_tokens, one_width=same_length_only):
                 logits = self(batch.input_ids.to(self.device), batch.lengths.to(self.device), batch.grid(), depth)
                 for i, p in zip(batch.rows, logits.float().softmax(-1).cpu()):
                     probs[i] = p
+                if progress is not None:
+                    progress(len(batch.rows))
         release_freed_memory()  # else glibc keeps the activations' fragmented heap: memory would creep up per chunk
         by_text = dict(zip(distinct, probs))
         names = self.label_names

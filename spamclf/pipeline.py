@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from spamclf.data import SPLITS
 from spamclf.errors import CheckpointError, InvalidOption, SpamclfError
+from spamclf.hardware import resolve_precision
 from spamclf.module import load_classifier
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ def run(cfg: DictConfig) -> dict:
     loggers = [build(f"logger.{k}", c) for k, c in (cfg.get("logger") or {}).items() if c and "_target_" in c]
     # Without a ModelCheckpoint in callbacks, Lightning would silently add one: no hidden multi-GB writes.
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing)
+    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
+    trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing,
+                    precision=precision.used)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -101,6 +104,7 @@ def run(cfg: DictConfig) -> dict:
         "trainable_parameters": model.trainable,
         "total_parameters": model.total,
         "overlap_with_train": datamodule.overlap,
+        "precision": precision.as_dict(),
         "timings": timings,
     }
     if trainer.is_global_zero:

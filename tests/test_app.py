@@ -72,7 +72,7 @@ def test_table_rows_say_what_the_book_did(tmp_path):
     assert rows["row15"].trainer.accumulate_grad_batches == 8 and rows["row16"].model.causal is False
     assert rows["row18"].model.pooling == "mean" and rows["row19"].model.pooling == "last_nonpad"
     fast = compose_cfg(["experiment=fast"], tmp_path)
-    assert (fast.data.padding, fast.data.bucket, fast.model.pooling, fast.trainer.precision) == ("batch", True, "last_nonpad", "bf16-mixed")
+    assert (fast.data.padding, fast.data.bucket, fast.model.pooling, fast.trainer.precision) == ("batch", True, "last_nonpad", "auto")
 
 
 def test_early_stopping_is_one_switch_away(tmp_path):
@@ -81,6 +81,7 @@ def test_early_stopping_is_one_switch_away(tmp_path):
     assert cfg.callbacks.early_stopping.monitor == "val/acc" and "model_checkpoint" in cfg.callbacks
 
 
+@pytest.mark.hardware
 def test_smoke_run_writes_a_complete_run_folder(tmp_path):
     cfg = compose_cfg([*TINY[:-1], "trainer.max_epochs=2"], tmp_path)
     summary = run(cfg)
@@ -93,6 +94,7 @@ def test_smoke_run_writes_a_complete_run_folder(tmp_path):
     assert metrics["objective"]["value"] == pytest.approx(metrics["val"]["acc"], abs=1e-6)  # best checkpoint re-scored
     assert metrics["val"]["acc"] > 0.85 and metrics["test"]["acc"] > 0.85
     assert metrics["timings"]["fit_s"] > 0 and summary["overlap_with_train"]["test"] > 0
+    assert metrics["precision"] == {"requested": "32-true", "used": "32-true", "reason": "set explicitly"}
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -101,6 +103,18 @@ def test_smoke_run_writes_a_complete_run_folder(tmp_path):
     assert {"train/loss_step", "val/acc", "val/f1", "test/acc", "lr-AdamW"} <= set(tags["scalars"])
     assert "test/confusion_matrix" in tags["images"]
     assert any(t.startswith("test/pr_curve/spam") for t in tags["tensors"])
+
+
+@pytest.mark.hardware
+def test_fast_experiment_chooses_its_precision_and_says_so(tmp_path, caplog_info):
+    from spamclf.hardware import resolve_precision
+
+    expected = resolve_precision("auto", "cpu")
+    summary = run(compose_cfg(["experiment=fast", *TINY, "trainer.limit_train_batches=20"], tmp_path))
+    assert summary["precision"] == {"requested": "auto", "used": expected.used, "reason": expected.reason}
+    assert json.loads((tmp_path / "metrics.json").read_text())["precision"]["used"] == expected.used
+    assert any(f"precision auto -> {expected.used}" in r.getMessage() for r in caplog_info.records)
+    assert summary["val"]["acc"] > 0.5
 
 
 @pytest.mark.parametrize(
@@ -146,6 +160,7 @@ def test_cli_unknown_model_lists_the_choices(tmp_path):
     assert "gpt2-huge" in proc.stderr and "gpt2-medium" in proc.stderr
 
 
+@pytest.mark.hardware
 def test_cli_multirun_prints_and_writes_a_sorted_summary(tmp_path):
     proc = _cli(["-m", *TINY, "model.trainable_layers=all,head", "test=false"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -202,6 +217,7 @@ def trained_ckpt(tmp_path_factory):
     return out / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.hardware
 def test_predict_cli_round_trip(trained_ckpt, tmp_path):
     messages = ["WINNER!! Claim your £1000 prize now, call 09061701461", "are we still on for lunch?", "", "x " * 3000]
     source = tmp_path / "in.csv"
@@ -213,28 +229,38 @@ def test_predict_cli_round_trip(trained_ckpt, tmp_path):
         writer.writerows([[i, m] for i, m in enumerate(messages)])
     out = tmp_path / "out.jsonl"
     proc = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(trained_ckpt), "--input", str(source),
-                           "--output", str(out), "--chunk-size", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--output", str(out), "--chunk-size", "3", "--precision", "fp32"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert "precision fp32 -> fp32" in proc.stderr and "Traceback" not in proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["text"] for r in rows] == messages
     for r in rows:
         assert r["label"] in ("ham", "spam") and r["probability"] == max(r["probabilities"].values())
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    proc = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(trained_ckpt), "--text", messages[0],
+                           "--precision", "fp32"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert json.loads(proc.stdout)["probability"] == pytest.approx(rows[0]["probability"], abs=1e-6)
+    from spamclf.hardware import resolve_precision
+
+    auto = {"bf16-mixed": "bf16", "32-true": "fp32"}[resolve_precision("auto", "cpu").used]
     proc = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(trained_ckpt), "--text", messages[0]],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert json.loads(proc.stdout)["probability"] == pytest.approx(rows[0]["probability"], abs=1e-6)
+    assert proc.returncode == 0 and f"precision auto -> {auto}" in proc.stderr
+    assert json.loads(proc.stdout)["probability"] == pytest.approx(rows[0]["probability"], abs=0.02)
     bad = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(tmp_path / "missing.ckpt"), "--text", "hi"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.ckpt'}: checkpoint not found; pass the .ckpt a training run wrote (its checkpoints/ folder)"]
 
 
+@pytest.mark.hardware
 def test_a_message_gets_the_same_probability_alone_or_with_long_ones(trained_ckpt):
     from spamclf.module import load_classifier
 
     model = load_classifier(trained_ckpt)
     text = "Free entry in 2 a wkly comp to win FA Cup final tkts"
-    alone = model.predict_texts([text])[0]["probability"]
-    crowd = model.predict_texts(["a much longer message " * 20, text, "hi"])[1]["probability"]
+    alone = model.predict_texts([text], precision="fp32")[0]["probability"]
+    crowd = model.predict_texts(["a much longer message " * 20, text, "hi"], precision="fp32")[1]["probability"]
     assert crowd == pytest.approx(alone, abs=1e-6)
 
 
@@ -245,6 +271,7 @@ def test_train_false_evaluates_a_checkpoint(trained_ckpt, tmp_path):
     assert (tmp_path / "eval" / "metrics.json").is_file() and not (tmp_path / "eval" / "checkpoints").exists()
 
 
+@pytest.mark.hardware
 def test_benchmark_runs_in_tiny_mode():
     proc = subprocess.run([sys.executable, "-m", "spamclf.bench", "--model", "gpt2-tiny", "--epochs", "1",
                            "--cases", "ch06,fast,predict", "--predict-lines", "300"], cwd=ROOT, capture_output=True,
@@ -252,6 +279,13 @@ def test_benchmark_runs_in_tiny_mode():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert any(line.startswith("fast ") for line in lines) and any(line.startswith("ch06 ") for line in lines)
-    assert "fast vs ch06:" in proc.stdout and "prediction: 300 lines" in proc.stdout
+    assert "fast vs ch06:" in proc.stdout and "300 lines in" in proc.stdout
+    from spamclf.hardware import resolve_precision
+
+    auto = resolve_precision("auto", "cpu").used
+    assert f"precision auto -> {auto}" in proc.stdout and "GFLOP/s" in proc.stdout.split("CPU:")[1].splitlines()[0]
+    fast = next(line for line in lines if line.startswith("fast "))
+    assert fast.split()[1] == auto and next(line for line in lines if line.startswith("ch06 ")).split()[1] == "32-true"
+    assert f"prediction ({ {'bf16-mixed': 'bf16', '32-true': 'fp32'}[auto]})" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "spamclf.bench", "--cases", "warp"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown" in bad.stderr

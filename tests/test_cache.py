@@ -5,6 +5,8 @@ import torch
 from spamclf.data import SpamDataModule
 from spamclf.module import SpamClassifier
 
+pytestmark = pytest.mark.hardware  # the cache build is where the oneDNN kernels run
+
 
 class StepLosses(L.Callback):
     def __init__(self):

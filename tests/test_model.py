@@ -5,21 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import spamclf.gpt2 as gpt2_module
 from spamclf.errors import CheckpointError, InvalidOption, WeightsUnavailable
-from spamclf.gpt2 import (
-    GPT2,
-    PRESETS,
-    FeedForward,
-    Packed,
-    _onednn_inference,
-    packed_bf16_weights,
-    preset,
-    real_tokens,
-    resolve_weights,
-)
+from spamclf.gpt2 import GPT2, PRESETS, Packed, preset, real_tokens
 from spamclf.heads import apply_trainable_layers, count_parameters, pool, replace_head
 from spamclf.module import SpamClassifier, load_classifier
+from spamclf.weights import resolve_weights
 from tests.helpers import hf_gpt2, populate_hub_cache, save_hub_layout, save_prefixed
 
 TOL = 1e-4
@@ -103,8 +93,10 @@ def test_offline_without_cache_is_one_clear_line(tmp_path):
 def test_presets_and_the_books_snippets():
     assert [(PRESETS[n].emb_dim, PRESETS[n].n_layers, PRESETS[n].n_heads) for n in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")] == [
         (768, 12, 12), (1024, 24, 16), (1280, 36, 20), (1600, 48, 25)]
-    with pytest.raises(InvalidOption, match="gpt2-huge"):
+    with pytest.raises(ValueError, match="gpt2-huge"):
         preset("gpt2-huge")
+    with pytest.raises(InvalidOption, match="model_name='gpt2-huge' is not valid"):
+        SpamClassifier("gpt2-huge", weights="random")
     torch.manual_seed(123)
     model = GPT2(preset("gpt2-tiny"))
     for param in model.parameters():
@@ -218,43 +210,7 @@ def test_packed_blocks_compute_what_padded_blocks_compute(causal):
     assert torch.allclose(out[: int(lengths.sum())], padded[keep], atol=1e-12)
 
 
-@pytest.mark.skipif(not gpt2_module._ONEDNN, reason="this PyTorch build has no oneDNN linear")
-def test_bf16_inference_fuses_linear_and_gelu_and_stays_at_least_as_close_to_fp32(monkeypatch):
-    torch.manual_seed(0)
-    ff = FeedForward(preset("gpt2-tiny")).requires_grad_(False)
-    fc = ff.layers[0]
-    x = torch.randn(37, 64)
-    truth = ff(x)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _onednn_inference(x, fc)
-        fused = ff(x).float()
-        monkeypatch.setattr(gpt2_module, "_ONEDNN", False)
-        unfused = ff(x).float()
-    assert (fused - truth).abs().max() < 0.05
-    assert (fused - truth).abs().mean() <= (unfused - truth).abs().mean() * 1.1
-    monkeypatch.setattr(gpt2_module, "_ONEDNN", True)
-    ff.requires_grad_(True)  # training needs the unfused ops' backward
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not _onednn_inference(x, fc)
-    assert not _onednn_inference(x, fc)  # and fp32 stays fp32
-
-
-@pytest.mark.skipif(not gpt2_module._ONEDNN, reason="this PyTorch build has no oneDNN linear")
-def test_prepacked_bf16_weights_give_the_same_numbers_and_leave_nothing_behind():
-    torch.manual_seed(0)
-    model = GPT2.random(preset("gpt2-tiny")).requires_grad_(False).eval()
-    model.trf_blocks[-1].requires_grad_(True)  # trainable layers are never packed
-    ids = torch.randint(0, 50000, (3, 11))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = model.run_blocks(model.embed(ids))
-        with packed_bf16_weights(model):
-            assert hasattr(model.trf_blocks[0].att.qkv, "onednn_bf16")
-            assert not hasattr(model.trf_blocks[-1].att.qkv, "onednn_bf16")
-            got = model.run_blocks(model.embed(ids))
-    assert torch.equal(got, expected)
-    assert not any(hasattr(m, "onednn_bf16") for m in model.modules())
-
-
+@pytest.mark.hardware
 @pytest.mark.parametrize("pooling, pad_length", [("last_nonpad", None), ("mean", None), ("last", None), ("last", 12)])
 def test_predict_texts_equals_one_message_at_a_time(pooling, pad_length):
     from spamclf.tokenizer import encode_texts
@@ -263,7 +219,7 @@ def test_predict_texts_equals_one_message_at_a_time(pooling, pad_length):
     clf = SpamClassifier("gpt2-tiny", weights="random", pooling=pooling).eval()
     clf.hparams.tokenization = {"pad_length": pad_length, "context_length": 1024}
     texts = ["hi", "Free entry in 2 a wkly comp", "", "ok see you at 5", "hi", "WINNER!! claim your prize now " * 3]
-    results = clf.predict_texts(texts, batch_tokens=32)
+    results = clf.predict_texts(texts, batch_tokens=32, precision="fp32")
     for text, result in zip(texts, results):
         ids = encode_texts([text])[0][: pad_length or 1024]
         padded = ids + [50256] * ((pad_length or len(ids)) - len(ids))
@@ -304,6 +260,7 @@ def _fit(clf, dm, **trainer_kwargs):
     return trainer
 
 
+@pytest.mark.hardware
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, sms_module):
     torch.manual_seed(0)
     clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="last_block", lr=1e-3)

@@ -1,0 +1,181 @@
+"""The hardware switch: precision auto, native-bf16 detection and its override, the oneDNN kernels and their
+plain fallback, progress bars. `.ci/run` runs this file again with SPAMCLF_NATIVE_BF16=0, so a CPU with
+native bf16 also exercises the path of CPUs without it."""
+
+import io
+import logging
+
+import pytest
+import torch
+from rich.console import Console
+
+from spamclf import hardware
+from spamclf.errors import InvalidOption, SpamclfError
+from spamclf.gpt2 import GPT2, FeedForward, preset
+from spamclf.hardware import (
+    NATIVE_BF16_ENV,
+    OneDNNLinear,
+    cpu_native_bf16,
+    inference_dtype,
+    onednn_bf16_inference,
+    onednn_kernels,
+    resolve_precision,
+)
+from spamclf.module import SpamClassifier
+from spamclf.progress import progress_bar
+
+pytestmark = pytest.mark.hardware
+needs_onednn = pytest.mark.skipif(not onednn_kernels(), reason="no native bf16 here (or SPAMCLF_NATIVE_BF16=0): "
+                                  "oneDNN's bf16 kernels are not used")
+
+
+def test_the_switch_overrides_detection(monkeypatch):
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    assert not cpu_native_bf16() and not onednn_kernels()
+    choice = resolve_precision("auto", "cpu")
+    assert choice.used == "32-true" and f"{NATIVE_BF16_ENV}=0" in choice.reason
+    assert inference_dtype("auto", torch.device("cpu")) is None
+    monkeypatch.setenv(NATIVE_BF16_ENV, "1")
+    assert cpu_native_bf16() and resolve_precision("auto", "cpu").used == "bf16-mixed"
+    assert inference_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert onednn_kernels() == hardware.cpu().onednn_bf16  # forcing never enables kernels oneDNN lacks
+    monkeypatch.setenv(NATIVE_BF16_ENV, "maybe")
+    with pytest.raises(SpamclfError, match=f"{NATIVE_BF16_ENV}='maybe' is not valid"):
+        cpu_native_bf16()
+
+
+def test_auto_without_the_switch_follows_the_cpu(monkeypatch):
+    monkeypatch.delenv(NATIVE_BF16_ENV, raising=False)
+    info = hardware.cpu()
+    native = info.bf16_flag is not None and info.onednn_bf16
+    choice = resolve_precision("auto", "cpu")
+    assert choice.used == ("bf16-mixed" if native else "32-true")
+    assert info.capability in choice.reason and ("natively" if native else "no native bf16") in choice.reason
+
+
+def test_gpus_get_bf16_or_fp16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    for supported, expected in ((True, "bf16-mixed"), (False, "16-mixed")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, s=supported: s)
+        for accelerator in ("gpu", "cuda", "auto"):
+            assert resolve_precision("auto", accelerator).used == expected
+        assert inference_dtype("auto", torch.device("cuda")) == (torch.bfloat16 if supported else torch.float16)
+    assert resolve_precision("auto", "mps").used == "32-true"
+    assert resolve_precision("16-mixed", "gpu").used == "16-mixed"  # explicit values pass through
+
+
+def test_explicit_bf16_on_a_cpu_without_it_runs_after_one_warning(monkeypatch, caplog):
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    hardware._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="spamclf.hardware"):
+        for _ in range(3):
+            assert resolve_precision("bf16-mixed", "cpu").used == "bf16-mixed"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "slower" in warnings[0] and "trainer.precision=auto" in warnings[0]
+    with pytest.raises(InvalidOption, match="precision='fp8'"):
+        inference_dtype("fp8", torch.device("cpu"))
+
+
+def _frozen_tiny():
+    torch.manual_seed(0)
+    model = GPT2.random(preset("gpt2-tiny")).requires_grad_(False).eval()
+    model.trf_blocks[-1].requires_grad_(True)  # trainable layers are never swapped
+    return model
+
+
+def test_without_native_bf16_the_kernels_stay_out_and_bf16_still_runs(monkeypatch):
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    model = _frozen_tiny()
+    before = [type(m) for m in model.modules()]
+    ids = torch.randint(0, 50000, (3, 11))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.run_blocks(model.embed(ids))
+        with onednn_bf16_inference(model):
+            assert [type(m) for m in model.modules()] == before
+            got = model.run_blocks(model.embed(ids))
+    assert torch.equal(got, expected)
+
+
+def test_fp32_never_swaps_kernels():
+    model = _frozen_tiny()
+    before = [type(m) for m in model.modules()]
+    with onednn_bf16_inference(model):
+        assert [type(m) for m in model.modules()] == before
+
+
+@needs_onednn
+def test_onednn_kernels_fuse_gelu_closer_to_fp32_and_leave_nothing_behind():
+    torch.manual_seed(0)
+    ff = FeedForward(preset("gpt2-tiny")).requires_grad_(False)
+    holder = torch.nn.Module()
+    holder.trf_blocks = torch.nn.ModuleList([torch.nn.Module()])
+    block = holder.trf_blocks[0]
+    block.ff, block.att = ff, torch.nn.Module()
+    block.att.qkv, block.att.out_proj = torch.nn.Linear(64, 192), torch.nn.Linear(64, 64)
+    block.requires_grad_(False)
+    x = torch.randn(37, 64)
+    truth = ff(x)
+    originals = list(ff.layers)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = ff(x).float()
+        with onednn_bf16_inference(holder):
+            assert isinstance(ff.layers[0], OneDNNLinear) and ff.layers[0].gelu and isinstance(ff.layers[1], torch.nn.Identity)
+            assert isinstance(block.att.qkv, OneDNNLinear)
+            fused = ff(x).float()
+    assert list(ff.layers) == originals and type(block.att.qkv) is torch.nn.Linear
+    assert (fused - truth).abs().max() < 0.05
+    assert (fused - truth).abs().mean() <= (plain - truth).abs().mean() * 1.1
+
+
+@needs_onednn
+def test_onednn_kernels_match_the_plain_bf16_model():
+    model = _frozen_tiny()
+    ids = torch.randint(0, 50000, (3, 11))
+    with torch.no_grad():
+        truth = model.run_blocks(model.embed(ids))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = model.run_blocks(model.embed(ids)).float()
+            with onednn_bf16_inference(model):
+                assert type(model.trf_blocks[0].att.qkv) is OneDNNLinear
+                assert type(model.trf_blocks[-1].att.qkv) is torch.nn.Linear  # trainable: untouched
+                fast = model.run_blocks(model.embed(ids)).float()
+    scale = truth.abs().max()
+    assert (fast - truth).abs().max() < 0.05 * scale and (plain - truth).abs().max() < 0.05 * scale
+
+
+def test_predict_texts_auto_agrees_with_fp32():
+    torch.manual_seed(0)
+    clf = SpamClassifier("gpt2-tiny", weights="random", pooling="last_nonpad").eval()
+    clf.hparams.tokenization = {"pad_length": None, "context_length": 1024}
+    texts = ["hi", "Free entry in 2 a wkly comp", "", "WINNER!! claim your prize now " * 3]
+    fp32 = clf.predict_texts(texts, precision="fp32")
+    auto = clf.predict_texts(texts, precision="auto")
+    exact = inference_dtype("auto", clf.device) is None
+    for a, b in zip(auto, fp32):
+        assert a["probabilities"]["spam"] == pytest.approx(b["probabilities"]["spam"], abs=0 if exact else 0.02)
+
+
+def test_progress_bar_draws_on_a_terminal_only():
+    screen = io.StringIO()
+    with progress_bar("prefix cache (train)", 10, console=Console(file=screen, force_terminal=True, width=100)) as advance:
+        for _ in range(10):
+            advance(1)
+    assert "prefix cache (train)" in screen.getvalue()
+    quiet = io.StringIO()
+    with progress_bar("x", 10, console=Console(file=quiet, force_terminal=False)) as advance:
+        advance(10)
+    with progress_bar("y", 10, enabled=False, console=Console(file=quiet, force_terminal=True)) as advance:
+        advance(10)
+    assert quiet.getvalue() == ""
+
+
+def test_cache_build_reports_every_row(sms_module):
+    from spamclf.cache import PrefixCache
+
+    model = _frozen_tiny()
+    done = []
+    dataset = sms_module.datasets["val"]
+    PrefixCache.build(model, dataset, None, 1, "last_nonpad", False, dtype=torch.float32, device=torch.device("cpu"),
+                      tokens_per_batch=256, progress=done.append)
+    assert sum(done) == len(dataset) and len(done) > 1
