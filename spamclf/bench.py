@@ -77,6 +77,7 @@ def case_train(name: str, args) -> dict:
     experiment = TRAIN_CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _compose([*experiment, f"model={args.model}", "model.weights=random", "callbacks=none", "logger=none",
+                        "data.natural=false",  # the book's recipe: train, validation and test only
                         "trainer.enable_progress_bar=false", f"trainer.accelerator={args.accelerator}", "trainer.devices=1",
                         f"trainer.max_epochs={args.epochs}"],
                        Path(tmp))

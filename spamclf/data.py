@@ -26,13 +26,15 @@ import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from spamclf.decision import positive_index
 from spamclf.errors import DataError, InvalidOption
 from spamclf.tokenizer import PAD_ID, asset_path, encode_texts
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-SPLIT_FILES = {"train": "train.csv", "val": "validation.csv", "test": "test.csv"}
+NATURAL = "natural"  # the test split plus every message balancing left out, at the file's own class ratio
+SPLIT_FILES = {"train": "train.csv", "val": "validation.csv", "test": "test.csv", NATURAL: "natural.csv"}
 PADDING_CHOICES = ("longest_train", "batch", "fixed", "model", "none")
 FORMATS = ("auto", "sms", "csv", "tsv", "jsonl")
 SMS_FILE = "SMSSpamCollection"
@@ -87,15 +89,32 @@ def _rows_from_headerless(path: Path, text: str) -> list[tuple[int, str, str]]:
     return rows
 
 
-def _rows_from_table(path: Path, text: str, sep: str, text_column: str, label_column: str):
+def _rows_from_table(path: Path, text: str, sep: str, text_column, label_column, header: bool = True):
     try:
-        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, header=0 if header else None)
     except (pd.errors.ParserError, csv.Error) as e:
         raise DataError(f"{path}: cannot parse as {'CSV' if sep == ',' else 'TSV'} ({str(e).strip()}); fix the quoting "
                         f"on that line or set data.format") from None
+    if not header:
+        text_column, label_column = _position(text_column, 1, "text_column"), _position(label_column, 0, "label_column")
+        if max(text_column, label_column) >= frame.shape[1]:
+            raise DataError(f"{path}:1: {frame.shape[1]} column(s), no column {max(text_column, label_column)} (counting "
+                            f"from 0); set data.label_column / data.text_column to column positions")
     _require_columns(path, list(frame.columns), text_column, label_column)
-    # Line numbers are right for files without multi-line quoted fields (header is line 1).
-    return [(i + 2, lab, body) for i, (lab, body) in enumerate(zip(frame[label_column], frame[text_column]))]
+    # Line numbers are right for files without multi-line quoted fields (a header is line 1).
+    first = 2 if header else 1
+    return [(i + first, lab, body) for i, (lab, body) in enumerate(zip(frame[label_column], frame[text_column]))]
+
+
+def _position(column, default: int, key: str) -> int:
+    """A column position for header-less files: an integer, or the default names' usual place (label 0, text 1)."""
+    if isinstance(column, int) and not isinstance(column, bool) and column >= 0:
+        return column
+    if isinstance(column, str) and column.isdigit():
+        return int(column)
+    if column == {"text_column": "text", "label_column": "label"}[key]:
+        return default
+    raise InvalidOption(key, column, "a column position (0, 1, …) when data.header=false")
 
 
 def _rows_from_jsonl(path: Path, text: str, text_column: str, label_column: str):
@@ -128,15 +147,17 @@ def _require_columns(path, found, text_column, label_column, lineno=None):
 def read_labelled_file(
     path: str | os.PathLike,
     format: str = "auto",
-    text_column: str = "text",
-    label_column: str = "label",
+    text_column: str | int = "text",
+    label_column: str | int = "label",
     encoding: str = "utf-8",
+    header: bool = True,
 ) -> pd.DataFrame:
     """Read a labelled text file into a frame with columns `text`, `label` (strings) and `line`.
 
     Formats: `sms`/`tsv` (header-less `label<TAB>text`, or a TSV with a header naming the columns),
-    `csv` (with header), `jsonl` (one object per line). Rows with an empty text are dropped with one
-    warning; an empty label is an error that names its line.
+    `csv` (with a header; `header=False`: columns by position, label 0 and text 1 unless given),
+    `jsonl` (one object per line). Rows with an empty text are dropped with one warning; an empty label
+    is an error that names its line.
     """
     path = Path(path)
     fmt = _detect_format(path, format)
@@ -144,10 +165,10 @@ def read_labelled_file(
     if fmt == "jsonl":
         rows = _rows_from_jsonl(path, text, text_column, label_column)
     elif fmt == "csv":
-        rows = _rows_from_table(path, text, ",", text_column, label_column)
+        rows = _rows_from_table(path, text, ",", text_column, label_column, header)
     else:
         first = text.split("\n", 1)[0].rstrip("\r").split("\t")
-        has_header = fmt == "tsv" and text_column in first and label_column in first
+        has_header = header and fmt == "tsv" and text_column in first and label_column in first
         rows = _rows_from_table(path, text, "\t", text_column, label_column) if has_header else _rows_from_headerless(path, text)
     frame = pd.DataFrame(rows, columns=["line", "label", "text"])
     frame["label"] = frame["label"].astype(str).str.strip()
@@ -220,6 +241,16 @@ def split_frame(frame: pd.DataFrame, fractions: Sequence[float], seed: int) -> d
     val_end = train_end + int(len(shuffled) * fractions[1])
     test_end = len(shuffled) if math.isclose(sum(fractions), 1.0) else val_end + int(len(shuffled) * fractions[2])
     return {"train": shuffled[:train_end], "val": shuffled[train_end:val_end], "test": shuffled[val_end:test_end]}
+
+
+def natural_frame(everything: pd.DataFrame, used: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The test split plus every row of `everything` that balancing left out of `used`, minus any text that
+    is also a training or validation text: messages never seen in training. Balancing uses every message of
+    the smallest class, so this set is mostly the larger classes (SMS: ~4,100 ham, ~110 spam)."""
+    unused = everything[~everything.index.isin(used.index)]
+    seen = set(splits["train"]["text"]) | set(splits["val"]["text"])
+    natural = pd.concat([splits["test"], unused], ignore_index=True)
+    return natural[~natural["text"].isin(seen)].reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------ batching
@@ -338,6 +369,12 @@ class SpamDataModule(L.LightningDataModule):
         output_dir: where train.csv, validation.csv and test.csv are written (None: not written).
         download: fetch the official UCI archive instead of using the embedded copy.
         download_url, cache_dir: where from and where to cache it.
+        header: False reads CSV files without a header row, columns by position (label_column,
+            text_column: 0 and 1 unless given).
+        natural: also build the `natural` evaluation set: the test split plus every message that balancing
+            left out, minus any text that is also in train or validation. Its false-positive rate comes from
+            thousands of real ham messages; precision is also reported at the file's own class ratio.
+        positive_label: the class a filter flags (spam); None means "spam" if present, else the last label.
     """
 
     def __init__(
@@ -365,6 +402,9 @@ class SpamDataModule(L.LightningDataModule):
         download: bool = False,
         download_url: str = UCI_URL,
         cache_dir: str | None = None,
+        header: bool = True,
+        natural: bool = True,
+        positive_label: str | None = None,
     ):
         super().__init__()
         if padding not in PADDING_CHOICES:
@@ -390,12 +430,14 @@ class SpamDataModule(L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.bucket, self.drop_last, self.num_workers = bucket, drop_last, num_workers
         self.output_dir, self.download, self.download_url, self.cache_dir = output_dir, download, download_url, cache_dir
+        self.header, self.natural, self.positive_label = header, natural, positive_label
         self.frames: dict[str, pd.DataFrame] = {}
         self.datasets: dict[str, EncodedSplit] = {}
         self.label_names: list[str] = []
         self.pad_length: int | None = None
         self.overlap: dict[str, int] = {}
-        self.test_splits: Sequence[str] = ("test",)  # the final evaluation sets all of SPLITS
+        self.class_shares: dict[str, float] = {}  # each class's share of the file (after dedupe, before balancing)
+        self.test_splits: Sequence[str] = ("test",)  # the final evaluation sets all of SPLITS (and NATURAL)
 
     # -- preparation -------------------------------------------------------------------------------
     @property
@@ -413,12 +455,18 @@ class SpamDataModule(L.LightningDataModule):
         if self.datasets:
             return
         path = self.source_path()
-        frame = read_labelled_file(path, self.format, self.text_column, self.label_column, self.encoding)
+        frame = read_labelled_file(path, self.format, self.text_column, self.label_column, self.encoding, self.header)
         self.label_names = self._label_names(path, frame)
+        try:
+            positive_index(self.label_names, self.positive_label)
+        except InvalidOption as e:
+            raise DataError(f"data.{e}") from None
         if self.dedupe:
             before = len(frame)
             frame = frame.drop_duplicates(subset="text", keep="first")
             log.info("dedupe: dropped %d repeated text(s) before balancing", before - len(frame))
+        everything = frame
+        self.class_shares = {n: float((frame["label"] == n).mean()) for n in self.label_names}
         if self.balance:
             frame = balance_classes(frame, self.seed, self.label_names)
         frames = split_frame(frame, self.splits, self.seed)
@@ -428,6 +476,12 @@ class SpamDataModule(L.LightningDataModule):
                     f"{path}: the {split} split would be empty ({len(frame)} usable rows, splits={list(self.splits)}); "
                     f"add data or change data.splits"
                 )
+        if self.natural:
+            frames[NATURAL] = natural_frame(everything, frame, frames)
+            counts = frames[NATURAL]["label"].value_counts()
+            log.info("natural set (test + messages balancing left out, none seen in train/val): %d messages, %s; "
+                     "the file: %s", len(frames[NATURAL]), ", ".join(f"{counts.get(n, 0)} {n}" for n in self.label_names),
+                     ", ".join(f"{share:.1%} {n}" for n, share in self.class_shares.items()))
         self.frames = frames
         self._log_overlap()
         self._encode()
@@ -465,14 +519,14 @@ class SpamDataModule(L.LightningDataModule):
 
     def _encode(self) -> None:
         label_id = {name: i for i, name in enumerate(self.label_names)}
-        ids = {split: encode_texts(self.frames[split]["text"].tolist()) for split in SPLITS}
+        ids = {split: encode_texts(self.frames[split]["text"].tolist()) for split in self.frames}
         too_long = sum(len(row) > self.context_length for rows in ids.values() for row in rows)
         if too_long:
             log.warning("%d message(s) longer than the context length %d were truncated", too_long, self.context_length)
         train_max = max(min(len(row), self.context_length) for row in ids["train"])
         self.pad_length = {"longest_train": train_max, "fixed": self.max_length, "model": self.context_length}.get(self.padding)
         limit = self.pad_length or self.context_length
-        for split in SPLITS:
+        for split in self.frames:
             rows = [row[:limit] for row in ids[split]]
             self.datasets[split] = EncodedSplit(rows, [label_id[label] for label in self.frames[split]["label"]])
         log.info("padding=%s: %s", self.padding, f"every batch padded to {self.pad_length} tokens" if self.pad_length else "per batch")
@@ -481,7 +535,8 @@ class SpamDataModule(L.LightningDataModule):
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         for split, name in SPLIT_FILES.items():
-            _write_atomic(out / name, self.frames[split][["text", "label"]].to_csv(index=False).encode())
+            if split in self.frames:
+                _write_atomic(out / name, self.frames[split][["text", "label"]].to_csv(index=False).encode())
 
     def _is_global_zero(self) -> bool:
         return self.trainer is None or self.trainer.is_global_zero
@@ -518,7 +573,7 @@ class SpamDataModule(L.LightningDataModule):
         return self.eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
-        loaders = [self.eval_dataloader(split) for split in self.test_splits]
+        loaders = [self.eval_dataloader(split) for split in self.test_splits if split in self.datasets]
         return loaders[0] if len(loaders) == 1 else loaders
 
     def predict_dataloader(self) -> DataLoader:

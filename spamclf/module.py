@@ -25,6 +25,16 @@ from torchmetrics.classification import (
 )
 
 from spamclf.cache import PrefixCache, cache_blocker, packed_prefix, release_freed_memory
+from spamclf.data import NATURAL
+from spamclf.decision import (
+    choose_threshold,
+    decide,
+    fit_temperature,
+    operating_point,
+    positive_index,
+    probabilities,
+    threshold_rule,
+)
 from spamclf.errors import CheckpointError, InvalidOption, SpamclfError
 from spamclf.gpt2 import GPT2, PRESETS, preset, real_tokens
 from spamclf.hardware import inference_dtype, onednn_bf16_inference
@@ -82,7 +92,13 @@ class SpamClassifier(L.LightningModule):
         cache_dtype: auto (bf16 under bf16 precision, else fp32) | bf16 | fp32.
         cache_max_memory_mb: above this the cache lives in a temporary file (CPU).
         compile: torch.compile the transformer blocks.
+        positive_label: the class a filter flags (None: "spam" if a label, else the last one).
+        threshold: the positive class's probability that flags a message (two classes): a number, or a rule
+            chosen on validation after training: {max_fpr: R} (highest recall with a false-positive rate of
+            at most R), {min_precision: P}, {max_f1: true}; see spamclf.decision.
+        calibrate: fit a temperature on validation after training, so probabilities are calibrated.
         tokenization: padding rule and label names recorded from the data at fit time (for prediction).
+        decision: the threshold and temperature chosen after training (saved in checkpoints, for prediction).
     """
 
     def __init__(
@@ -106,7 +122,11 @@ class SpamClassifier(L.LightningModule):
         cache_dtype: str = "auto",
         cache_max_memory_mb: float = 4096,
         compile: bool = False,
+        positive_label: str | None = None,
+        threshold: float | dict = 0.5,
+        calibrate: bool = False,
         tokenization: dict | None = None,
+        decision: dict | None = None,
     ):
         super().__init__()
         label_names = [str(n) for n in label_names]
@@ -117,6 +137,10 @@ class SpamClassifier(L.LightningModule):
             if value not in choices:
                 raise InvalidOption(option, value, "one of " + ", ".join(choices))
         check_pooling(pooling)
+        self.positive = positive_index(label_names, positive_label)
+        self.rule = threshold_rule(threshold)
+        if self.rule[0] != "fixed" and len(label_names) != 2:
+            raise InvalidOption("threshold", threshold, f"a fixed threshold: rules need two classes, not {len(label_names)}")
         self.save_hyperparameters()
         self.hparams.label_names = label_names
         overrides = {"drop_rate": drop_rate, "causal": causal}
@@ -137,16 +161,27 @@ class SpamClassifier(L.LightningModule):
         # Real tokens are masked in only where padding could otherwise reach them: without the causal
         # mask. With it, right padding never reaches a real token, and pooling=last reads padding by design.
         self.use_mask = not causal and pooling != "last"
-        self.metrics = torch.nn.ModuleDict(
-            {f"{name}_metrics": _metrics(len(label_names), f"{name}/") for name in ("train", "val", "test", "best_train", "best_val")}
-        )
+        self.metrics = torch.nn.ModuleDict({
+            f"{name}_metrics": _metrics(len(label_names), f"{name}/")
+            for name in ("train", "val", "test", "best_train", "best_val", NATURAL)
+        })
         self.caches: dict[str, PrefixCache] = {}
-        self.test_outputs: dict[str, list[torch.Tensor]] = {}
+        self.test_outputs: dict[str, dict[str, list[torch.Tensor]]] = {}  # split → logits, labels (final evaluation)
+        self.operating: dict[str, dict] = {}  # split → metrics at the chosen threshold (after the final evaluation)
 
     # ------------------------------------------------------------------------------------- forward
     @property
     def label_names(self) -> list[str]:
         return list(self.hparams.label_names)
+
+    @property
+    def temperature(self) -> float:
+        return float((self.hparams.decision or {}).get("temperature", 1.0))
+
+    @property
+    def threshold(self) -> float:
+        """The positive class's probability that flags a message: chosen after training, else the fixed value."""
+        return float((self.hparams.decision or {}).get("threshold", self.rule[1] if self.rule[0] == "fixed" else 0.5))
 
     def valid_mask(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
         if not self.use_mask:
@@ -239,18 +274,46 @@ class SpamClassifier(L.LightningModule):
         metrics = self.metrics[f"{name}_metrics"]
         metrics.update(logits, batch["labels"])
         self.log_dict(metrics, on_epoch=True, batch_size=len(logits), add_dataloader_idx=False)
-        if name == "test":
-            self.test_outputs.setdefault("probs", []).append(logits.softmax(-1).cpu())
-            self.test_outputs.setdefault("labels", []).append(batch["labels"].cpu())
+        if self.trainer.testing:
+            outputs = self.test_outputs.setdefault(batch["split"], {"logits": [], "labels": []})
+            outputs["logits"].append(logits.detach().cpu())
+            outputs["labels"].append(batch["labels"].cpu())
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "test" if batch["split"] == "test" else f"best_{batch['split']}")
+        split = batch["split"]
+        self._evaluate(batch, split if split in ("test", NATURAL) else f"best_{split}")
 
     def on_test_epoch_start(self) -> None:
-        self.test_outputs = {}
+        self.test_outputs, self.operating = {}, {}
+
+    def on_test_epoch_end(self) -> None:
+        """Choose the operating point on validation (temperature, then threshold), then measure it on every
+        evaluated split. Needs the validation split among the evaluated ones to choose; else keeps what it has."""
+        outputs = {split: (torch.cat(o["logits"]), torch.cat(o["labels"])) for split, o in self.test_outputs.items()}
+        if "val" in outputs and (self.hparams.calibrate or self.rule[0] != "fixed"):
+            logits, labels = outputs["val"]
+            temperature = fit_temperature(logits, labels) if self.hparams.calibrate else self.temperature
+            probs = probabilities(logits, temperature)
+            chosen = choose_threshold(probs[:, self.positive], labels == self.positive, *self.rule) if len(self.label_names) == 2 else 0.5
+            self.hparams.decision = {"threshold": chosen, "temperature": temperature, "rule": self.rule[0], "target": self.rule[1]}
+            log.info("operating point chosen on validation: threshold %.4f (%s=%s), temperature %.3f",
+                     chosen, self.rule[0], self.rule[1], temperature)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        shares = getattr(datamodule, "class_shares", {}) or {}
+        prevalence = shares.get(self.label_names[self.positive])
+        for split, (logits, labels) in outputs.items():
+            point = operating_point(probabilities(logits, self.temperature), labels, self.label_names, self.positive,
+                                    self.threshold, prevalence if split == NATURAL else None)
+            self.operating[split] = point
+            scalars = {k: point[k] for k in ("fpr", "recall", "precision", "f1", "ece", "threshold", "precision_at_prevalence")
+                       if isinstance(point.get(k), float) and math.isfinite(point[k])}
+            prefix = {"train": "best_train", "val": "best_val"}.get(split, split)
+            for key, value in scalars.items():
+                name = f"{key}_at_threshold" if key in ("recall", "precision", "f1") else key
+                self.log(f"{prefix}/{name}", value, add_dataloader_idx=False)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -329,7 +392,7 @@ class SpamClassifier(L.LightningModule):
             for batch in packed_prefix(self.model, ids, stored, depth, self.use_mask, pad_length, device=self.device,
                                        tokens_per_batch=batch_tokens, one_width=same_length_only):
                 logits = self(batch.input_ids.to(self.device), batch.lengths.to(self.device), batch.grid(), depth)
-                for i, p in zip(batch.rows, logits.float().softmax(-1).cpu()):
+                for i, p in zip(batch.rows, probabilities(logits, self.temperature).cpu()):
                     probs[i] = p
                 if progress is not None:
                     progress(len(batch.rows))
@@ -339,7 +402,7 @@ class SpamClassifier(L.LightningModule):
         results = []
         for text in texts:
             p = by_text[str(text)]
-            best = int(p.argmax())
+            best = int(decide(p[None], self.positive, self.threshold)[0])
             results.append({"text": text, "label": names[best], "probability": float(p[best]),
                             "probabilities": {n: float(v) for n, v in zip(names, p)}})
         return results

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -18,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from spamclf.data import SPLITS
+from spamclf.data import NATURAL, SPLITS
 from spamclf.errors import CheckpointError, InvalidOption, SpamclfError
 from spamclf.hardware import resolve_precision
 from spamclf.module import load_classifier
@@ -91,10 +92,19 @@ def run(cfg: DictConfig) -> dict:
     metrics: dict = {}
     if cfg.test:
         t0 = time.perf_counter()
-        datamodule.test_splits = SPLITS
+        datamodule.test_splits = (*SPLITS, NATURAL)
         trainer.test(model, datamodule=datamodule, ckpt_path=(best or None) if cfg.train else None)
         timings["test_s"] = time.perf_counter() - t0
         metrics = _split_metrics(trainer.callback_metrics)
+        if model.operating:
+            metrics["operating_point"] = {
+                "positive_label": model.label_names[model.positive], "threshold": model.threshold,
+                "rule": model.rule[0], "target": model.rule[1], "temperature": model.temperature,
+                **{split: model.operating[split] for split in ("val", "test", NATURAL) if split in model.operating},
+            }
+        if cfg.train and model.hparams.decision and trainer.is_global_zero:
+            for path in {best, str(output_dir / "checkpoints" / "last.ckpt")}:
+                store_decision(path, model.hparams.decision)
     timings["prefix_cache_s"] = _cache_seconds(model)
     timings["total_s"] = time.perf_counter() - start
     summary = {
@@ -127,14 +137,25 @@ def _objective(trainer: L.Trainer, name: str) -> float | None:
 
 
 def _split_metrics(callback_metrics: dict) -> dict:
-    """{"train": {...}, "val": {...}, "test": {...}} from the best checkpoint's final evaluation."""
+    """{"train": {...}, "val": {...}, "test": {...}, "natural": {...}} from the best checkpoint's final evaluation."""
     out: dict[str, dict] = {}
     for key, value in callback_metrics.items():
         prefix, _, name = key.rpartition("/")
-        split = {"best_train": "train", "best_val": "val", "test": "test"}.get(prefix)
+        split = {"best_train": "train", "best_val": "val", "test": "test", NATURAL: NATURAL}.get(prefix)
         if split:
             out.setdefault(split, {})[name] = float(value)
-    return {split: out[split] for split in SPLITS if split in out}
+    return {split: out[split] for split in (*SPLITS, NATURAL) if split in out}
+
+
+def store_decision(path: str, decision: dict) -> None:
+    """Write the operating point chosen after training into a checkpoint, so prediction uses it."""
+    if not path or not Path(path).is_file():
+        return
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint.setdefault("hyper_parameters", {})["decision"] = dict(decision)
+    tmp = Path(path).with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -1,5 +1,6 @@
-"""What a run shows a person: loss/accuracy curves and a confusion matrix as PNGs (like the book's
-figures), and in TensorBoard the confusion matrix image, per-class PR curves and hparams with results."""
+"""What a run shows a person: loss/accuracy curves, the confusion matrix at the operating threshold, a
+reliability diagram and a ROC curve as PNGs (like the book's figures), and in TensorBoard the same images,
+per-class PR curves and hparams with results."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import matplotlib
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics.functional.classification import binary_roc
+
+from spamclf.data import NATURAL
+from spamclf.decision import decide, probabilities, reliability
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -58,24 +63,70 @@ class RunReport(L.Callback):
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         outputs = getattr(pl_module, "test_outputs", {})
-        if not outputs.get("probs"):
+        if "test" not in outputs:
             return
-        probs, labels = torch.cat(outputs["probs"]), torch.cat(outputs["labels"])
         names = list(pl_module.label_names)
+        evaluated = {split: (probabilities(torch.cat(o["logits"]), pl_module.temperature), torch.cat(o["labels"]))
+                     for split, o in outputs.items() if split in ("test", NATURAL)}
+        probs, labels = evaluated["test"]
         k = len(names)
-        confusion = torch.bincount(labels * k + probs.argmax(-1), minlength=k * k).reshape(k, k)
-        fig = confusion_figure(confusion, names)
+        predicted = decide(probs, pl_module.positive if k == 2 else None, pl_module.threshold)
+        confusion = torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+        figures = {"test/confusion_matrix": (confusion_figure(confusion, names), "confusion_matrix.png"),
+                   "test/reliability_diagram": (reliability_figure(evaluated), "reliability.png")}
+        if k == 2:
+            figures["test/roc_curve"] = (roc_figure(evaluated, pl_module.positive, pl_module.threshold, names), "roc_curve.png")
         self.plots_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.plots_dir / "confusion_matrix.png", dpi=120)
+        for fig, filename in figures.values():
+            fig.savefig(self.plots_dir / filename, dpi=120)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 writer = logger.experiment
-                writer.add_figure("test/confusion_matrix", fig, global_step=trainer.global_step)
+                for tag, (fig, _) in figures.items():
+                    writer.add_figure(tag, fig, global_step=trainer.global_step, close=False)
                 for i, name in enumerate(names):
                     writer.add_pr_curve(f"test/pr_curve/{name}", labels == i, probs[:, i], global_step=trainer.global_step)
-                results = {k2: float(v) for k2, v in trainer.callback_metrics.items() if k2.startswith(("test/", "best_"))}
+                results = {k2: float(v) for k2, v in trainer.callback_metrics.items()
+                           if k2.startswith(("test/", "best_", f"{NATURAL}/"))}
                 logger.log_hyperparams(dict(pl_module.hparams), results)
-        plt.close(fig)
+        for fig, _ in figures.values():
+            plt.close(fig)
+
+
+def reliability_figure(evaluated: dict):
+    """Accuracy against confidence per bin, for each evaluated split: on the diagonal means calibrated."""
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
+    for split, (probs, labels) in evaluated.items():
+        bins = reliability(probs, labels)
+        ax.plot([b[0] for b in bins], [b[1] for b in bins], "o-", label=f"{split} ({len(labels)})")
+    ax.set_xlabel("Confidence (predicted class)")
+    ax.set_ylabel("Accuracy")
+    ax.set_title("Reliability diagram")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(evaluated: dict, positive: int, threshold: float, names: list[str]):
+    """ROC curve of the positive class per evaluated split, with the operating threshold marked."""
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    for split, (probs, labels) in evaluated.items():
+        is_pos = (labels == positive).long()
+        if is_pos.min() == is_pos.max():
+            continue
+        fpr, tpr, _ = binary_roc(probs[:, positive], is_pos)
+        flagged = probs[:, positive] >= threshold
+        point_fpr = float(flagged[is_pos == 0].float().mean())
+        point_tpr = float(flagged[is_pos == 1].float().mean())
+        (line,) = ax.plot(fpr.numpy(), tpr.numpy(), label=f"{split}")
+        ax.plot([point_fpr], [point_tpr], "o", color=line.get_color())
+    ax.set_xlabel(f"False-positive rate ({names[1 - positive]} flagged)")
+    ax.set_ylabel(f"Recall ({names[positive]})")
+    ax.set_title(f"ROC, threshold {threshold:.3g} marked")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def confusion_figure(confusion: torch.Tensor, names: list[str]):
