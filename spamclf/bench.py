@@ -19,12 +19,14 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-CASES = ("ch06", "fast", "peer", "all_layers", "predict")
+CASES = ("ch06", "fast", "peer", "all_layers", "predict", "serve")
+SERVE_CONCURRENCY = (1, 8, 32)
 # experiment=fast with one piece taken away: what each piece contributes (`--cases ablations`).
 ABLATIONS = {
     "fast-no_cache": ["model.prefix_cache=false"],
@@ -151,25 +153,47 @@ def case_peer(args) -> dict:
     return {"wall_s": time.perf_counter() - _T0, "fit_s": fit, "test_acc": test_acc, "epochs": args.epochs, **_device_facts(args)}
 
 
-def case_predict(args) -> dict:
-    """The prediction CLI on an N-line file of SMS messages, bf16, from a saved checkpoint."""
+def _checkpoint_and_messages(args, tmp: Path) -> list[str]:
+    """A checkpoint of `args.model` (random weights, one training step, pooling=last_nonpad) at tmp/model.ckpt,
+    and the SMS collection's messages."""
     import lightning as L
-    import psutil
 
     from spamclf.data import SMS_FILE, SpamDataModule, read_labelled_file
     from spamclf.module import SpamClassifier
-    from spamclf.tokenizer import asset_path, encode_texts
+    from spamclf.tokenizer import asset_path
+
+    L.seed_everything(123)
+    dm = SpamDataModule(padding="batch", bucket=True, natural=False)
+    clf = SpamClassifier(args.model, weights="random", pooling="last_nonpad", prefix_cache=False)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(clf, datamodule=dm)
+    trainer.save_checkpoint(tmp / "model.ckpt")
+    return read_labelled_file(asset_path(SMS_FILE))["text"].tolist()
+
+
+def _tree_rss(process) -> int:
+    """Resident memory of a process and all its children."""
+    import psutil
+
+    total = 0
+    for p in (process, *process.children(recursive=True)):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def case_predict(args) -> dict:
+    """The prediction CLI on an N-line file of SMS messages, from a saved checkpoint."""
+    import psutil
+
+    from spamclf.tokenizer import encode_texts
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        L.seed_everything(123)
-        dm = SpamDataModule(padding="batch", bucket=True)
-        clf = SpamClassifier(args.model, weights="random", pooling="last_nonpad", prefix_cache=False)
-        trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-        trainer.fit(clf, datamodule=dm)
-        trainer.save_checkpoint(tmp / "model.ckpt")
-        texts = read_labelled_file(asset_path(SMS_FILE))["text"].tolist()
+        texts = _checkpoint_and_messages(args, tmp)
         lines = [texts[i % len(texts)].replace("\n", " ") for i in range(args.predict_lines)]
         (tmp / "in.txt").write_text("\n".join(lines) + "\n")
         command = [sys.executable, "-m", "spamclf.predict", "--ckpt", str(tmp / "model.ckpt"), "--input", str(tmp / "in.txt"),
@@ -201,11 +225,105 @@ def case_predict(args) -> dict:
             "sizes": _gpt_sizes(args.model)}
 
 
+def case_serve(args) -> dict:
+    """`spamclf.serve` on 127.0.0.1 under single-text requests from `c` client threads (each its own keep-alive
+    connection), for each c in SERVE_CONCURRENCY: requests/s, p50/p99 latency, failures, the server's memory."""
+    import socket
+    import threading
+
+    import psutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        texts = _checkpoint_and_messages(args, tmp)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "spamclf.serve", "--ckpt", str(tmp / "model.ckpt"), "--port", str(port),
+                   "--precision", args.predict_precision, "--max-batch-size", "32", "--batch-timeout", "0.005"]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        watched, samples, stop = psutil.Process(server.pid), [], threading.Event()
+        try:
+            deadline = time.monotonic() + 300
+            while not _healthy(port):
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("error: the server did not start")
+                time.sleep(0.5)
+
+            def sample():
+                while not stop.is_set():
+                    samples.append(_tree_rss(watched))
+                    stop.wait(0.5)
+
+            threading.Thread(target=sample, daemon=True).start()
+            levels = {c: {**_load(port, texts, c, args.serve_requests), "rss_after": _tree_rss(watched)} for c in SERVE_CONCURRENCY}
+        finally:
+            stop.set()
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+    return {"levels": levels, "peak_rss": max(samples) if samples else 0, "precision": args.predict_precision}
+
+
+def _load(port: int, texts: list[str], concurrency: int, total: int) -> dict:
+    """`total` single-text requests from `concurrency` threads, each with its own keep-alive connection."""
+    import http.client
+    import threading
+
+    per_client = -(-total // concurrency)
+    latencies, failures = [], []
+
+    def client(worker: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for i in range(per_client):
+            body = json.dumps({"text": texts[(worker * per_client + i) % len(texts)]})
+            start = time.perf_counter()
+            try:
+                conn.request("POST", "/predict", body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                (latencies if response.status == 200 else failures).append(time.perf_counter() - start)
+            except (OSError, http.client.HTTPException):
+                failures.append(time.perf_counter() - start)
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    latencies.sort()
+    count = len(latencies) + len(failures)
+
+    def percentile(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+
+    return {"requests": count, "failed": len(failures), "seconds": seconds, "rps": count / seconds,
+            "p50_ms": percentile(0.5), "p99_ms": percentile(0.99)}
+
+
+def _healthy(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def child(case: str, args) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    result = case_peer(args) if case == "peer" else case_predict(args) if case == "predict" else case_train(case, args)
+    cases = {"peer": case_peer, "predict": case_predict, "serve": case_serve}
+    result = cases[case](args) if case in cases else case_train(case, args)
     print("BENCH " + json.dumps(result, default=str), flush=True)
 
 
@@ -214,7 +332,7 @@ def _peak_rss_of(case: str, args) -> tuple[dict, int]:
     """Run a case and read its own peak RSS from the kernel (wait4), not from sampling."""
     command = [sys.executable, "-m", "spamclf.bench", "--child", case, "--epochs", str(args.epochs), "--model", args.model,
                "--predict-lines", str(args.predict_lines), "--accelerator", args.accelerator,
-               "--predict-precision", args.predict_precision]
+               "--predict-precision", args.predict_precision, "--serve-requests", str(args.serve_requests)]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -348,6 +466,18 @@ def report(results: dict, args) -> None:
             print(f"  {name:<22} {' '.join(ABLATIONS[name]):<50} wall {r['process_s']:6.1f} s, fit "
                   f"{r['summary']['timings']['fit_s']:6.1f} s, peak RSS {rss / gb:.2f} GB, test acc "
                   f"{r['summary'].get('test', {}).get('acc', float('nan')):.4f}{ratio}")
+    if "serve" in results:
+        r, _ = results["serve"]
+        print(f"\nserver (spamclf.serve, {r['precision']}, single-text requests from a Python client on 127.0.0.1, "
+              f"peak RSS of the server's processes {r['peak_rss'] / gb:.2f} GB):")
+        print(f"  {'concurrency':>11} {'requests':>9} {'failed':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'RSS after GB':>13}")
+        for c, level in r["levels"].items():
+            print(f"  {c:>11} {level['requests']:>9} {level['failed']:>7} {level['rps']:>8.1f} {level['p50_ms']:>8.1f} "
+                  f"{level['p99_ms']:>8.1f} {level['rss_after'] / gb:>13.2f}")
+        if "predict" in results:
+            cli = results["predict"][0]["lines"] / results["predict"][0]["wall_s"]
+            top = r["levels"][str(max(SERVE_CONCURRENCY))]["rps"] if str(max(SERVE_CONCURRENCY)) in r["levels"] else float("nan")
+            print(f"  at concurrency {max(SERVE_CONCURRENCY)}: {top / cli:.0%} of the CLI's {cli:.0f} messages/s")
     if "predict" in results:
         r, rss = results["predict"]
         rate = r["lines"] / r["wall_s"]
@@ -369,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"), help="gpu: one CUDA device")
     parser.add_argument("--predict-precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                         help="the prediction case's --precision")
+    parser.add_argument("--serve-requests", type=int, default=2000, help="requests per concurrency level in the serve case")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

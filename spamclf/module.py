@@ -374,12 +374,14 @@ class SpamClassifier(L.LightningModule):
         pooling=last and per-batch padding messages are batched only with others of the same length.
         Batches hold about `batch_tokens` tokens: short messages go many to a batch. Identical texts are
         classified once. Empty text is classified as a lone <|endoftext|>; text longer than the training
-        width (or the context) is cut to it, keeping its beginning, as in training.
+        width (or the context) is cut to it, keeping its beginning, as in training, and marked "truncated".
         """
         tok = self.hparams.tokenization or {}
         pad_length, context = tok.get("pad_length"), tok.get("context_length", self.model.cfg.context_length)
         distinct = list(dict.fromkeys(str(t) for t in texts))
-        ids = [row[: pad_length or context] for row in encode_texts(distinct)]
+        encoded = encode_texts(distinct)
+        truncated = dict(zip(distinct, (len(row) > (pad_length or context) for row in encoded)))
+        ids = [row[: pad_length or context] for row in encoded]
         stored = [pad_length or len(row) for row in ids]
         same_length_only = pad_length is None and self.hparams.pooling == "last"
         n_layers = self.model.cfg.n_layers
@@ -404,7 +406,7 @@ class SpamClassifier(L.LightningModule):
             p = by_text[str(text)]
             best = int(decide(p[None], self.positive, self.threshold)[0])
             results.append({"text": text, "label": names[best], "probability": float(p[best]),
-                            "probabilities": {n: float(v) for n, v in zip(names, p)}})
+                            "probabilities": {n: float(v) for n, v in zip(names, p)}, "truncated": truncated[str(text)]})
         return results
 
 

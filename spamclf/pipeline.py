@@ -90,9 +90,12 @@ def run(cfg: DictConfig) -> dict:
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     objective = _objective(trainer, cfg.optimized_metric)
     metrics: dict = {}
-    if cfg.test:
+    # The operating point (threshold rule, temperature) is chosen on validation by the best checkpoint: with
+    # test=false that pass still runs, on the validation split alone.
+    choose_decision = cfg.train and (model.hparams.calibrate or model.rule[0] != "fixed")
+    if cfg.test or choose_decision:
         t0 = time.perf_counter()
-        datamodule.test_splits = (*SPLITS, NATURAL)
+        datamodule.test_splits = (*SPLITS, NATURAL) if cfg.test else ("val",)
         trainer.test(model, datamodule=datamodule, ckpt_path=(best or None) if cfg.train else None)
         timings["test_s"] = time.perf_counter() - t0
         metrics = _split_metrics(trainer.callback_metrics)

@@ -101,6 +101,25 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor], model: GPT2, origin: s
     return out
 
 
+def hf_body_names(n_layers: int) -> list[str]:
+    """Every weight name of a Hugging Face GPT-2 body (no `transformer.` prefix, no head)."""
+    per_block = [f"{part}.{p}" for part in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+                 for p in ("weight", "bias")]
+    return ["wte.weight", "wpe.weight", *(f"h.{i}.{n}" for i in range(n_layers) for n in per_block), "ln_f.weight", "ln_f.bias"]
+
+
+def to_hf_state_dict(model: GPT2, prefix: str = "transformer.") -> dict[str, torch.Tensor]:
+    """Our GPT-2 body in Hugging Face's layout (the inverse of `convert_hf_state_dict`, through the same table):
+    Conv1D weights transposed back, keys prefixed (`transformer.` as in GPT2ForSequenceClassification)."""
+    ours = model.state_dict()
+    out = {}
+    for name in hf_body_names(model.cfg.n_layers):
+        key = next(re.sub(pat, rep, name) for pat, rep in _KEY_MAP if re.fullmatch(pat, name))
+        tensor = ours[key].detach()
+        out[prefix + name] = (tensor.t() if name.endswith(_CONV1D) else tensor).contiguous().clone()
+    return out
+
+
 def _config_for(source, config_json: Path | None, tensors: dict[str, torch.Tensor]) -> GPTConfig:
     """The checkpoint's shape: from config.json beside it, else a preset, else its tensors' shapes."""
     if config_json is not None:

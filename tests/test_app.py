@@ -274,7 +274,8 @@ def test_train_false_evaluates_a_checkpoint(trained_ckpt, tmp_path):
 @pytest.mark.hardware
 def test_benchmark_runs_in_tiny_mode():
     proc = subprocess.run([sys.executable, "-m", "spamclf.bench", "--model", "gpt2-tiny", "--epochs", "1",
-                           "--cases", "ch06,fast,predict", "--predict-lines", "300"], cwd=ROOT, capture_output=True,
+                           "--cases", "ch06,fast,predict,serve", "--predict-lines", "300", "--serve-requests", "40"],
+                          cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
@@ -287,5 +288,8 @@ def test_benchmark_runs_in_tiny_mode():
     fast = next(line for line in lines if line.startswith("fast "))
     assert fast.split()[1] == auto and next(line for line in lines if line.startswith("ch06 ")).split()[1] == "32-true"
     assert f"prediction ({ {'bf16-mixed': 'bf16', '32-true': 'fp32'}[auto]})" in proc.stdout
+    served = proc.stdout.split("server (spamclf.serve")[1].splitlines()
+    levels = [line.split() for line in served[2:5]]
+    assert [int(r[0]) for r in levels] == [1, 8, 32] and all(int(r[2]) == 0 and float(r[3]) > 0 for r in levels)
     bad = subprocess.run([sys.executable, "-m", "spamclf.bench", "--cases", "warp"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown" in bad.stderr

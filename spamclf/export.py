@@ -1,0 +1,184 @@
+"""Hand a trained classifier to the tools people already use: a Hugging Face folder or an ONNX file.
+
+    python -m spamclf.export --ckpt CKPT --out DIR --format hf     # transformers' GPT2ForSequenceClassification
+    python -m spamclf.export --ckpt CKPT --out DIR --format onnx   # DIR/model.onnx for ONNX Runtime
+
+hf: `AutoModelForSequenceClassification.from_pretrained(DIR)` and `pipeline("text-classification", model=DIR)`
+load it as it is. transformers' GPT-2 classifier reads the last non-padding token through a `score` layer
+without bias, so runs with `model.pooling=last_nonpad` export exactly: the head's bias is folded into the
+final LayerNorm's shift (W·(β+δ) = W·β + b with δ = Wᵀ(WWᵀ)⁻¹b, exact when W has full row rank), and a
+calibration temperature into the score weights. LoRA adapters are merged into their layers first.
+
+onnx: inputs `input_ids` [batch, length] (int64, right-padded with <|endoftext|> = 50256 as the run padded:
+to `pad_length` when the model's metadata gives one, else to any width) and `lengths` [batch] (real tokens per
+row); output `logits` [batch, classes] (temperature applied). The metadata holds the label names, the padding
+rule and the decision threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spamclf.errors import SpamclfError
+
+FORMATS = ("hf", "onnx")
+
+
+def _merged_body(clf) -> nn.Module:
+    """The classifier's GPT-2 with any LoRA adapters merged into plain nn.Linear layers (a copy)."""
+    import copy
+
+    body = copy.deepcopy(clf.model).eval()
+    for parent in list(body.modules()):
+        for name, child in list(parent.named_children()):
+            if hasattr(child, "base_layer") and hasattr(child, "merge"):
+                child.merge()
+                setattr(parent, name, child.get_base_layer())
+    return body
+
+
+def _check_exportable_to_hf(clf) -> None:
+    if clf.hparams.pooling != "last_nonpad":
+        raise SpamclfError(f"the checkpoint pools with model.pooling={clf.hparams.pooling}; transformers' GPT-2 classifier reads "
+                           f"the last non-padding token: train with model.pooling=last_nonpad to export it (or use --format onnx)")
+    if not clf.hparams.causal:
+        raise SpamclfError("the checkpoint was trained with model.causal=false; transformers' GPT-2 is causal: use --format onnx")
+
+
+def hf_state_dict(clf) -> dict[str, torch.Tensor]:
+    """GPT2ForSequenceClassification's tensors for a last_nonpad classifier: the body in Hugging Face's layout,
+    the head's bias folded into ln_f's shift, the temperature into `score`."""
+    from spamclf.weights import to_hf_state_dict
+
+    body = _merged_body(clf)
+    state = to_hf_state_dict(body)
+    weight = body.out_head.weight.detach().double()
+    bias = body.out_head.bias.detach().double() if body.out_head.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    delta = weight.T @ torch.linalg.solve(weight @ weight.T, bias)  # the least-norm δ with W·δ = b
+    if not torch.allclose(weight @ delta, bias, atol=1e-6):
+        raise SpamclfError("the classification head has dependent rows, so its bias cannot be folded exactly; use --format onnx")
+    state["transformer.ln_f.bias"] = (state["transformer.ln_f.bias"].double() + delta).float()
+    state["score.weight"] = (weight / clf.temperature).float().contiguous()
+    return state
+
+
+def export_hf(clf, out: Path) -> Path:
+    from safetensors.torch import save_file
+    from transformers import GPT2Config
+
+    from spamclf.tokenizer import ENDOFTEXT, PAD_ID, asset_path
+
+    _check_exportable_to_hf(clf)
+    cfg, names = clf.model.cfg, clf.label_names
+    tokenization = clf.hparams.tokenization or {}
+    width = tokenization.get("pad_length") or tokenization.get("context_length") or cfg.context_length
+    with _atomic_folder(out) as tmp:
+        config = GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim, n_layer=cfg.n_layers,
+            n_head=cfg.n_heads, layer_norm_epsilon=cfg.layer_norm_eps, activation_function="gelu_new",
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
+            id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+            pad_token_id=PAD_ID, bos_token_id=PAD_ID, eos_token_id=PAD_ID, architectures=["GPT2ForSequenceClassification"],
+        )
+        config.spamclf = {"positive_label": names[clf.positive], "threshold": clf.threshold, "max_length": width}
+        config.save_pretrained(tmp)
+        save_file(hf_state_dict(clf), tmp / "model.safetensors", metadata={"format": "pt"})
+        shutil.copy(asset_path("encoder.json"), tmp / "vocab.json")
+        shutil.copy(asset_path("vocab.bpe"), tmp / "merges.txt")
+        # The BPE files as they are (transformers builds its GPT-2 tokenizer from them), padding with <|endoftext|>.
+        special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT, "pad_token": ENDOFTEXT}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "GPT2Tokenizer", "model_max_length": width, "add_prefix_space": False, **special}, indent=2))
+        (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return out
+
+
+class _OnnxClassifier(nn.Module):
+    def __init__(self, clf):
+        super().__init__()
+        self.clf, self.temperature = clf, clf.temperature
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.clf(input_ids, lengths) / self.temperature
+
+
+def export_onnx(clf, out: Path) -> Path:
+    import onnx
+
+    clf = clf.eval()
+    wrapper = _OnnxClassifier(clf)
+    tokenization = clf.hparams.tokenization or {}
+    width = tokenization.get("pad_length") or 16
+    example = (torch.full((2, width), 50256, dtype=torch.long), torch.tensor([width, max(1, width // 2)]))
+    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1, max=clf.model.cfg.context_length)
+    dynamic = {"input_ids": {0: batch} if tokenization.get("pad_length") else {0: batch, 1: length}, "lengths": {0: batch}}
+    with _atomic_folder(out) as tmp:
+        program = torch.onnx.export(wrapper, example, input_names=["input_ids", "lengths"], output_names=["logits"],
+                                    dynamic_shapes=dynamic, dynamo=True, verbose=False)
+        program.save(str(tmp / "model.onnx"))
+        model = onnx.load(str(tmp / "model.onnx"))
+        for key, value in {"label_names": json.dumps(clf.label_names), "padding": json.dumps(tokenization),
+                           "positive_label": clf.label_names[clf.positive], "threshold": str(clf.threshold),
+                           "pad_id": "50256"}.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(model, str(tmp / "model.onnx"))
+    return out / "model.onnx"
+
+
+class _atomic_folder:
+    """Write into a temporary sibling folder, then move it into place: no half-written export."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and any(self.out.iterdir()):
+            raise SpamclfError(f"{self.out}: folder exists and is not empty; choose a new --out or remove it")
+        if not self.out.parent.is_dir():
+            raise SpamclfError(f"{self.out.parent}: folder does not exist; create it or fix --out")
+        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}."))
+        self.tmp.chmod(0o755)  # mkdtemp makes it private; an export is for others to read
+        return self.tmp
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is None:
+            if self.out.exists():
+                self.out.rmdir()
+            os.replace(self.tmp, self.out)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spamclf.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--out", required=True, help="folder to create (hf: the model folder; onnx: holds model.onnx)")
+    parser.add_argument("--format", choices=FORMATS, required=True)
+    args = parser.parse_args(argv)
+    try:
+        from spamclf.module import load_classifier
+
+        clf = load_classifier(args.ckpt)
+        written = export_hf(clf, Path(args.out)) if args.format == "hf" else export_onnx(clf, Path(args.out))
+    except SpamclfError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"error: {e.name} is not installed; pip install 'spamclf[export]'", file=sys.stderr)
+        return 2
+    print(f"wrote {written}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
