@@ -24,13 +24,25 @@ from pathlib import Path
 import lightning as L
 import pandas as pd
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from spamclf.decision import positive_index
 from spamclf.errors import DataError, InvalidOption
 from spamclf.tokenizer import PAD_ID, asset_path, encode_texts
 
 log = logging.getLogger(__name__)
+
+
+class _RankZeroLog:
+    """The module's logger, quiet on every rank but zero: under DDP each rank prepares the data, one reports it."""
+
+    def __getattr__(self, level: str):
+        method = getattr(log, level)
+        return method if rank_zero_only.rank == 0 else (lambda *args, **kwargs: None)
+
+
+rank_zero_log = _RankZeroLog()
 
 SPLITS = ("train", "val", "test")
 NATURAL = "natural"  # the test split plus every message balancing left out, at the file's own class ratio
@@ -177,7 +189,7 @@ def read_labelled_file(
         raise DataError(f"{path}:{unlabelled['line'].iloc[0]}: empty label; every row needs a label")
     empty = frame["text"].str.strip() == ""
     if empty.any():
-        log.warning("%s: dropped %d row(s) with empty text", path, int(empty.sum()))
+        rank_zero_log.warning("%s: dropped %d row(s) with empty text", path, int(empty.sum()))
         frame = frame[~empty]
     if frame.empty:
         raise DataError(f"{path}: no rows with text; it needs one labelled text per line")
@@ -312,6 +324,21 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+class UnpaddedShardSampler(DistributedSampler):
+    """Rows rank, rank + world, rank + 2·world, …: every row evaluated by exactly one rank. (Lightning's default
+    DistributedSampler pads the shards to equal length with repeated rows, which evaluation would count twice.)"""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.rows = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 class LengthBucketBatchSampler(BatchSampler):
@@ -464,7 +491,7 @@ class SpamDataModule(L.LightningDataModule):
         if self.dedupe:
             before = len(frame)
             frame = frame.drop_duplicates(subset="text", keep="first")
-            log.info("dedupe: dropped %d repeated text(s) before balancing", before - len(frame))
+            rank_zero_log.info("dedupe: dropped %d repeated text(s) before balancing", before - len(frame))
         everything = frame
         self.class_shares = {n: float((frame["label"] == n).mean()) for n in self.label_names}
         if self.balance:
@@ -479,7 +506,7 @@ class SpamDataModule(L.LightningDataModule):
         if self.natural:
             frames[NATURAL] = natural_frame(everything, frame, frames)
             counts = frames[NATURAL]["label"].value_counts()
-            log.info("natural set (test + messages balancing left out, none seen in train/val): %d messages, %s; "
+            rank_zero_log.info("natural set (test + messages balancing left out, none seen in train/val): %d messages, %s; "
                      "the file: %s", len(frames[NATURAL]), ", ".join(f"{counts.get(n, 0)} {n}" for n in self.label_names),
                      ", ".join(f"{share:.1%} {n}" for n, share in self.class_shares.items()))
         self.frames = frames
@@ -510,7 +537,7 @@ class SpamDataModule(L.LightningDataModule):
     def _log_overlap(self) -> None:
         train_texts = set(self.frames["train"]["text"])
         self.overlap = {split: int(self.frames[split]["text"].isin(train_texts).sum()) for split in ("val", "test")}
-        log.info(
+        rank_zero_log.info(
             "splits: %s; texts also in train: val %d/%d, test %d/%d%s",
             " / ".join(f"{s} {len(self.frames[s])}" for s in SPLITS),
             self.overlap["val"], len(self.frames["val"]), self.overlap["test"], len(self.frames["test"]),
@@ -522,14 +549,14 @@ class SpamDataModule(L.LightningDataModule):
         ids = {split: encode_texts(self.frames[split]["text"].tolist()) for split in self.frames}
         too_long = sum(len(row) > self.context_length for rows in ids.values() for row in rows)
         if too_long:
-            log.warning("%d message(s) longer than the context length %d were truncated", too_long, self.context_length)
+            rank_zero_log.warning("%d message(s) longer than the context length %d were truncated", too_long, self.context_length)
         train_max = max(min(len(row), self.context_length) for row in ids["train"])
         self.pad_length = {"longest_train": train_max, "fixed": self.max_length, "model": self.context_length}.get(self.padding)
         limit = self.pad_length or self.context_length
         for split in self.frames:
             rows = [row[:limit] for row in ids[split]]
             self.datasets[split] = EncodedSplit(rows, [label_id[label] for label in self.frames[split]["label"]])
-        log.info("padding=%s: %s", self.padding, f"every batch padded to {self.pad_length} tokens" if self.pad_length else "per batch")
+        rank_zero_log.info("padding=%s: %s", self.padding, f"every batch padded to {self.pad_length} tokens" if self.pad_length else "per batch")
 
     def write_splits(self, output_dir: str | os.PathLike) -> None:
         out = Path(output_dir)
@@ -539,7 +566,9 @@ class SpamDataModule(L.LightningDataModule):
                 _write_atomic(out / name, self.frames[split][["text", "label"]].to_csv(index=False).encode())
 
     def _is_global_zero(self) -> bool:
-        return self.trainer is None or self.trainer.is_global_zero
+        """Rank zero of a multi-process run; also before a trainer exists (the pipeline sets the data up first), when
+        the launcher's environment (RANK, LOCAL_RANK, SLURM_PROCID) says which process this is."""
+        return self.trainer.is_global_zero if self.trainer is not None else rank_zero_only.rank == 0
 
     def _world_size(self) -> int:
         return 1 if self.trainer is None else self.trainer.world_size
@@ -563,7 +592,11 @@ class SpamDataModule(L.LightningDataModule):
     def eval_dataloader(self, split: str) -> DataLoader:
         """Every row of `split` in a fixed order: by length when bucketing (less padding), else file order."""
         dataset = self.datasets[split]
-        if not self.bucket or self._world_size() > 1:  # Lightning shards plain loaders across ranks itself
+        if self._world_size() > 1:  # each rank its own rows, none repeated: metrics synced across ranks are exact
+            sampler = UnpaddedShardSampler(dataset, self.trainer.world_size, self.trainer.global_rank)
+            return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=self.collator(split),
+                              num_workers=self.num_workers)
+        if not self.bucket:
             return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=self.collator(split), num_workers=self.num_workers)
         order = sorted(range(len(dataset)), key=dataset.lengths.__getitem__)
         batches = [order[i : i + self.eval_batch_size] for i in range(0, len(order), self.eval_batch_size)]

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -165,6 +165,8 @@ class SpamClassifier(L.LightningModule):
             f"{name}_metrics": _metrics(len(label_names), f"{name}/")
             for name in ("train", "val", "test", "best_train", "best_val", NATURAL)
         })
+        # Evaluation losses as weighted means synced across ranks: exact under DDP, whatever the shard sizes.
+        self.losses = torch.nn.ModuleDict({name: MeanMetric() for name in ("val", "test", "best_train", "best_val", NATURAL)})
         self.caches: dict[str, PrefixCache] = {}
         self.test_outputs: dict[str, dict[str, list[torch.Tensor]]] = {}  # split → logits, labels (final evaluation)
         self.operating: dict[str, dict] = {}  # split → metrics at the chosen threshold (after the final evaluation)
@@ -270,7 +272,8 @@ class SpamClassifier(L.LightningModule):
     def _evaluate(self, batch: dict, name: str) -> None:
         logits = self._logits(batch).float()
         loss = F.cross_entropy(logits, batch["labels"])
-        self.log(f"{name}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(logits), add_dataloader_idx=False)
+        self.losses[name].update(loss, weight=len(logits))
+        self.log(f"{name}/loss", self.losses[name], on_epoch=True, batch_size=len(logits), add_dataloader_idx=False)
         metrics = self.metrics[f"{name}_metrics"]
         metrics.update(logits, batch["labels"])
         self.log_dict(metrics, on_epoch=True, batch_size=len(logits), add_dataloader_idx=False)
@@ -292,6 +295,7 @@ class SpamClassifier(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         """Choose the operating point on validation (temperature, then threshold), then measure it on every
         evaluated split. Needs the validation split among the evaluated ones to choose; else keeps what it has."""
+        self.test_outputs = self._gathered_outputs()  # every rank's shard: the reports read them too
         outputs = {split: (torch.cat(o["logits"]), torch.cat(o["labels"])) for split, o in self.test_outputs.items()}
         if "val" in outputs and (self.hparams.calibrate or self.rule[0] != "fixed"):
             logits, labels = outputs["val"]
@@ -314,6 +318,19 @@ class SpamClassifier(L.LightningModule):
             for key, value in scalars.items():
                 name = f"{key}_at_threshold" if key in ("recall", "precision", "f1") else key
                 self.log(f"{prefix}/{name}", value, add_dataloader_idx=False)
+
+    def _gathered_outputs(self) -> dict[str, dict[str, list[torch.Tensor]]]:
+        """The final evaluation's logits and labels of every rank (each rank saw a shard)."""
+        if self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return self.test_outputs
+        shards = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(shards, self.test_outputs)
+        merged: dict[str, dict[str, list[torch.Tensor]]] = {}
+        for shard in shards:
+            for split, outputs in shard.items():
+                for key, tensors in outputs.items():
+                    merged.setdefault(split, {}).setdefault(key, []).extend(tensors)
+        return merged
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

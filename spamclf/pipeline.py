@@ -45,12 +45,18 @@ def build(group: str, node: DictConfig, **kwargs):
 
 
 def _resolve_ckpt(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`last` means this run folder's checkpoints/last.ckpt (resume into the same folder with hydra.run.dir)."""
-    if ckpt_path in (None, "last"):
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if ckpt_path == "last" and not last.is_file():
+    """`last` means this run folder's checkpoints/last.ckpt (resume into the same folder with hydra.run.dir).
+    Unset, an unfinished run folder (a checkpoint, no metrics.json: a requeued job) resumes from its last.ckpt."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if ckpt_path is None:
+        if last.is_file() and not (output_dir / METRICS_FILE).exists():
+            log.info("resuming the unfinished run in %s from %s", output_dir, last)
+            return str(last)
+        return None
+    if ckpt_path == "last":
+        if not last.is_file():
             raise CheckpointError(f"{last}: no last checkpoint to resume from; set hydra.run.dir to the interrupted run's folder")
-        return str(last) if ckpt_path else None
+        return str(last)
     if not Path(ckpt_path).is_file():
         raise CheckpointError(f"{ckpt_path}: checkpoint not found; fix ckpt_path")
     return ckpt_path

@@ -72,3 +72,20 @@ class DieAt:
                     os._exit(3)
 
         return _DieAt()
+
+
+class SigtermAt:
+    """A Lightning callback that sends this process SIGTERM mid-epoch, as SLURM does before preempting a job."""
+
+    def __new__(cls, epoch: int, batch: int):
+        import os
+        import signal
+
+        import lightning as L
+
+        class _SigtermAt(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch_data, batch_idx):
+                if trainer.current_epoch == epoch and batch_idx == batch:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        return _SigtermAt()
