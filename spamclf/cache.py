@@ -24,7 +24,15 @@ from spamclf.hardware import onednn_bf16_inference
 from spamclf.tokenizer import PAD_ID
 
 log = logging.getLogger(__name__)
-FILL = 128  # packed batches are padded to a multiple of this many positions
+FILL = 128  # packed batches are padded to a multiple of this many positions (small ones to a power of two)
+
+
+def filled_rows(n: int) -> int:
+    """How many rows a packed batch of n positions is padded to: few distinct matmul shapes (oneDNN generates
+    and keeps kernels per shape), without computing 128 rows for one short message (the server's case)."""
+    if n >= FILL:
+        return -(-n // FILL) * FILL
+    return max(16, 1 << (n - 1).bit_length())
 
 
 def cache_blocker(depth: int, drop_rate: float, causal: bool, pooling: str, pad_length: int | None) -> str | None:
@@ -132,7 +140,7 @@ def packed_prefix(model, ids: Sequence[Sequence[int]], stored: Sequence[int], de
     row's first `stored[r]` positions (padding past a row's ids counts as tokens there).
 
     Rows go by width into batches of about `tokens_per_batch` positions; the linear layers see only
-    the stored positions, packed ([N, D], N rounded up to a multiple of FILL: few matmul shapes), while
+    the stored positions, packed ([N, D], N rounded up by `filled_rows`: few matmul shapes), while
     attention sees them on the padded grid. `use_mask`: attend only to real tokens. `pad_length`: the
     fixed width every row is padded to, or None. `one_width`: batch only rows of the same width (their
     results then never depend on others)."""
@@ -150,7 +158,7 @@ def packed_prefix(model, ids: Sequence[Sequence[int]], stored: Sequence[int], de
         packed = Packed.of(real_tokens(torch.tensor([min(stored[r], width) for r in rows]), width).to(device))
         n = packed.index.numel()
         x = model.embed(input_ids.to(device)).flatten(0, 1).index_select(0, packed.index)
-        hidden = model.run_blocks(F.pad(x, (0, 0, 0, -n % FILL)), 0, depth, valid, packed=packed)
+        hidden = model.run_blocks(F.pad(x, (0, 0, 0, filled_rows(n) - n)), 0, depth, valid, packed=packed)
         yield PrefixBatch(rows, input_ids, lengths, packed, hidden[:n])
 
 

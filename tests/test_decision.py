@@ -116,7 +116,9 @@ def test_natural_set_is_unseen_and_holds_what_balancing_left_out(sms_module):
     assert counts["ham"] > 4000 and 0 < counts["spam"] <= 150  # every spam message went into the balanced splits
     assert sms_module.class_shares["spam"] == pytest.approx(747 / 5574)
     assert len(sms_module.datasets[NATURAL]) == len(natural)
-    assert "natural" not in SpamDataModule(natural=False).frames
+    without = SpamDataModule(natural=False)
+    without.setup()
+    assert NATURAL not in without.frames and NATURAL not in without.datasets and len(without.datasets) == 3
 
 
 def test_headerless_csv_by_position(tmp_path):
