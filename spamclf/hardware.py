@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -222,11 +223,27 @@ def _frozen_linear(module: nn.Module) -> bool:
         p.requires_grad for p in module.parameters())
 
 
+# Stand-ins kept between calls for models whose weights never change again (a server's): prepacking
+# gpt2-small's weights takes ~60 ms, more than classifying one message.
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _stand_in(fc: nn.Linear, gelu: bool, keep: bool) -> OneDNNLinear:
+    kept = _KEPT.get(fc) if keep else None
+    if kept is not None and kept.gelu == gelu:
+        return kept
+    stand_in = OneDNNLinear(fc, gelu)
+    if keep:
+        _KEPT[fc] = stand_in
+    return stand_in
+
+
 @contextmanager
-def onednn_bf16_inference(model, stop: int | None = None):
+def onednn_bf16_inference(model, stop: int | None = None, keep: bool = False):
     """Inside: the frozen linear layers of `model.trf_blocks[:stop]` (a spamclf GPT2) run through
     OneDNNLinear, where autocast is bf16 on a CPU with native bf16 and oneDNN's kernels; elsewhere this
-    changes nothing. The weights' bf16 copies (2 bytes a weight) live only inside."""
+    changes nothing. The weights' bf16 copies (2 bytes a weight) live only inside, unless `keep`: then they
+    are made once and reused by later calls, for a model whose frozen weights will not change."""
     swaps: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, original)
     if onednn_kernels() and _cpu_bf16_autocast():
         try:
@@ -237,7 +254,7 @@ def onednn_bf16_inference(model, stop: int | None = None):
                                            (block.ff.layers, "0", fuse), (block.ff.layers, "2", False)):
                     original = parent._modules[name]
                     if _frozen_linear(original):
-                        parent._modules[name] = OneDNNLinear(original, gelu)
+                        parent._modules[name] = _stand_in(original, gelu, keep)
                         swaps.append((parent, name, original))
                 if fuse:
                     swaps.append((block.ff.layers, "1", act))

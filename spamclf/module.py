@@ -380,11 +380,12 @@ class SpamClassifier(L.LightningModule):
     # ----------------------------------------------------------------------------------- prediction
     @torch.inference_mode()
     def predict_texts(self, texts: Sequence[str], batch_tokens: int = 2048, precision: str = "auto",
-                      progress: Callable[[int], None] | None = None) -> list[dict]:
+                      progress: Callable[[int], None] | None = None, keep_kernels: bool = False) -> list[dict]:
         """Classify raw texts with the training run's tokenization and padding rule.
 
         `precision`: auto (bf16 where the CPU or GPU runs it natively, else fp32; see spamclf.hardware),
-        bf16, fp16 or fp32. `progress(n)` is called as each batch of n distinct texts is done.
+        bf16, fp16 or fp32. `progress(n)` is called as each batch of n distinct texts is done. `keep_kernels`:
+        keep the CPU kernels' prepacked weights for the next call (a server's model, whose weights stay fixed).
 
         Each message's probability does not depend on what it is batched with: fixed padding pads every
         message alike, per-batch padding is only used with poolings that never read padding, and with
@@ -407,7 +408,7 @@ class SpamClassifier(L.LightningModule):
         probs: list[torch.Tensor | None] = [None] * len(ids)
         dtype = inference_dtype(precision, self.device)
         with (torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
-              onednn_bf16_inference(self.model)):
+              onednn_bf16_inference(self.model, keep=keep_kernels)):
             for batch in packed_prefix(self.model, ids, stored, depth, self.use_mask, pad_length, device=self.device,
                                        tokens_per_batch=batch_tokens, one_width=same_length_only):
                 logits = self(batch.input_ids.to(self.device), batch.lengths.to(self.device), batch.grid(), depth)

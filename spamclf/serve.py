@@ -58,7 +58,7 @@ class SpamClassifierAPI(ls.LitAPI):
         from spamclf.module import load_classifier
 
         self.model = load_classifier(self.ckpt, map_location=device)
-        self.model.predict_texts(["warm-up"], precision=self.precision)  # first call builds kernels, off the clock
+        self.model.predict_texts(["warm-up"], precision=self.precision, keep_kernels=True)  # kernels built off the clock
 
     def decode_request(self, request: PredictRequest) -> tuple[list[str], bool]:
         return ([request.text], False) if request.text is not None else (list(request.texts), True)
@@ -68,7 +68,8 @@ class SpamClassifierAPI(ls.LitAPI):
 
     def predict(self, inputs):
         texts = [t for batch_texts, _ in inputs for t in batch_texts]
-        results = iter(self.model.predict_texts(texts, batch_tokens=self.batch_tokens, precision=self.precision))
+        results = iter(self.model.predict_texts(texts, batch_tokens=self.batch_tokens, precision=self.precision,
+                                                keep_kernels=True))
         return [([next(results) for _ in batch_texts], many) for batch_texts, many in inputs]
 
     def unbatch(self, output):

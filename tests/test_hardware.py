@@ -179,3 +179,20 @@ def test_cache_build_reports_every_row(sms_module):
     PrefixCache.build(model, dataset, None, 1, "last_nonpad", False, dtype=torch.float32, device=torch.device("cpu"),
                       tokens_per_batch=256, progress=done.append)
     assert sum(done) == len(dataset) and len(done) > 1
+
+
+@needs_onednn
+def test_kept_kernels_are_made_once_and_give_the_same_numbers():
+    model = _frozen_tiny()
+    ids = torch.randint(0, 50000, (3, 11))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with onednn_bf16_inference(model, keep=True):
+            first = model.trf_blocks[0].att.qkv
+            a = model.run_blocks(model.embed(ids))
+        assert type(model.trf_blocks[0].att.qkv) is torch.nn.Linear  # restored between calls
+        with onednn_bf16_inference(model, keep=True):
+            assert model.trf_blocks[0].att.qkv is first  # not prepacked again
+            b = model.run_blocks(model.embed(ids))
+        with onednn_bf16_inference(model):
+            assert model.trf_blocks[0].att.qkv is not first  # without keep: fresh, and dropped after
+    assert torch.equal(a, b)

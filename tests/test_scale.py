@@ -47,7 +47,7 @@ def _runs(sweep_root: Path) -> list[Path]:
 
 
 def test_local_launcher_runs_the_sweep_in_parallel_processes(tmp_path):
-    proc = _cli(["-m", "hydra/launcher=local", *TINY, "model.trainable_layers=all,head", "test=false"], tmp_path)
+    proc = _cli(["-m", "hydra/launcher=local", *TINY, "model.trainable_layers=all,head", "test=false"], tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = _runs(tmp_path)
     assert [p.name for p in runs] == ["0", "1"] and all((p / "metrics.json").is_file() for p in runs)
