@@ -13,6 +13,7 @@ import torch
 from spamclf.data import (
     SMS_FILE,
     SPLIT_FILES,
+    SPLITS,
     LengthBucketBatchSampler,
     SpamDataModule,
     download_sms,
@@ -42,7 +43,7 @@ def test_embedded_collection_is_the_official_file_with_every_message():
 def test_default_split_is_the_books(sms_module):
     sizes = {s: len(sms_module.frames[s]) for s in ("train", "val", "test")}
     assert sizes == {"train": 1045, "val": 149, "test": 300}
-    balanced = sum((f["label"] == "spam").sum() for f in sms_module.frames.values())
+    balanced = sum((sms_module.frames[s]["label"] == "spam").sum() for s in ("train", "val", "test"))
     assert balanced == 747 and sum(sizes.values()) == 2 * 747
     rows = [set(sms_module.frames[s]["line"]) for s in ("train", "val", "test")]
     assert not (rows[0] & rows[1]) and not (rows[0] & rows[2]) and not (rows[1] & rows[2])
@@ -57,7 +58,7 @@ def test_overlap_is_counted_and_dedupe_removes_it(sms_module):
     deduped = SpamDataModule(dedupe=True)
     deduped.setup()
     assert deduped.overlap == {"val": 0, "test": 0}
-    texts = [t for f in deduped.frames.values() for t in f["text"]]
+    texts = [t for s in ("train", "val", "test") for t in deduped.frames[s]["text"]]
     assert len(texts) == len(set(texts))
 
 
@@ -193,7 +194,7 @@ def test_multiclass_csv_with_quotes_and_custom_columns(tmp_path):
     dm = SpamDataModule(path=path, text_column="review", label_column="stars", balance=False)
     dm.setup()
     assert dm.label_names == ["bad", "good", "meh"] and dm.num_classes == 3
-    assert sum(len(f) for f in dm.frames.values()) == 90
+    assert sum(len(dm.frames[s]) for s in SPLITS) == 90
     assert dm.frames["train"]["text"].iloc[0].startswith("text ") and '"quotes"' in dm.frames["train"]["text"].iloc[0]
     ordered = SpamDataModule(path=path, text_column="review", label_column="stars", labels=["meh", "good", "bad"])
     ordered.setup()
@@ -216,8 +217,8 @@ def test_balance_undersamples_every_class_to_the_smallest(tmp_path):
     dm = SpamDataModule(path=_write(tmp_path / "d.csv", "\n".join(rows)))
     dm.setup()
     counts = {k: 0 for k in "abc"}
-    for f in dm.frames.values():
-        for label, n in f["label"].value_counts().items():
+    for split in SPLITS:
+        for label, n in dm.frames[split]["label"].value_counts().items():
             counts[label] += n
     assert counts == {"a": 10, "b": 10, "c": 10}
 
