@@ -27,6 +27,8 @@ from spamclf.module import load_classifier
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 USER_ERRORS = (SpamclfError, MisconfigurationException, OmegaConfBaseException)
+# The distributed variables as this process was started with (torchrun, SLURM, or none): restored after each job.
+_LAUNCH_ENV = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
 
 
 def build(group: str, node: DictConfig, **kwargs):
@@ -82,6 +84,7 @@ def run(cfg: DictConfig) -> dict:
     # Without a ModelCheckpoint in callbacks, Lightning would silently add one: no hidden multi-GB writes.
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
+    _ddp_ranks_join_this_job()
     trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing,
                     precision=precision.used)
     for lg in loggers:
@@ -130,6 +133,24 @@ def run(cfg: DictConfig) -> dict:
         write_json_atomic(output_dir / METRICS_FILE, summary)
         log.info("metrics: %s", json.dumps({k: summary[k] for k in ("objective", *metrics)}))
     return summary
+
+
+def _ddp_ranks_join_this_job() -> None:
+    """In a multirun job, Lightning's DDP launcher restarts `sys.argv` for the other ranks with
+    `hydra.run.dir=<hydra.run.dir>`: the whole sweep again, into new folders (Lightning #11300, Hydra #2070).
+    Make that restart a single run of this job's overrides, in this job's folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import read_write
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
 
 
 def _cache_seconds(model) -> float:
@@ -194,3 +215,18 @@ def main(cfg: DictConfig) -> float | None:
         except OmegaConfBaseException:
             pass
         sys.exit(2)
+    finally:
+        _release_process_group()
+
+
+def _release_process_group() -> None:
+    """A sweep runs its jobs one after another in this process: a DDP job's process group must not outlive the
+    job, nor the rank variables Lightning's launcher set in this process's environment (with LOCAL_RANK set,
+    the next job would take its ranks as started from outside and wait for them forever)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in _LAUNCH_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
