@@ -114,5 +114,5 @@ def test_sigterm_is_preemption_and_the_requeued_job_resumes(uninterrupted, tmp_p
     assert (tmp_path / "job" / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "job" / "metrics.json").exists()
     requeued = _cli(common, tmp_path)  # the same command again, as a requeue runs it
     assert requeued.returncode == 0, requeued.stderr[-3000:]
-    assert "resuming the unfinished run" in requeued.stderr
+    assert "resuming the unfinished run" in requeued.stdout + requeued.stderr
     _assert_same_ending(json.loads((tmp_path / "job" / "metrics.json").read_text()), uninterrupted)
