@@ -174,6 +174,11 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def inference_precision(precision: str, device: torch.device) -> str:
+    """bf16, fp16 or fp32: what prediction at `precision` runs in on `device` (for logs and /info)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(inference_dtype(precision, device), "fp32")
+
+
 @cache
 def _warn_once(message: str) -> None:
     log.warning(message)

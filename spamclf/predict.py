@@ -21,7 +21,7 @@ from itertools import islice
 from pathlib import Path
 
 from spamclf.errors import DataError, SpamclfError
-from spamclf.hardware import PREDICT_PRECISIONS, cpu_bf16_summary, inference_dtype
+from spamclf.hardware import PREDICT_PRECISIONS, cpu_bf16_summary, inference_precision
 from spamclf.progress import progress_bar
 
 csv.field_size_limit(2**31 - 1)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             total = sum(1 for _ in iter_texts(args.input, args.text_column, args.encoding))
             texts = iter_texts(args.input, args.text_column, args.encoding)
         model = load_classifier(args.ckpt, map_location=args.device)
-        used = {"bfloat16": "bf16", "float16": "fp16"}.get(str(inference_dtype(args.precision, model.device)).removeprefix("torch."), "fp32")
+        used = inference_precision(args.precision, model.device)
         why = cpu_bf16_summary() if model.device.type == "cpu" else str(model.device)
         print(f"precision {args.precision} -> {used}: {why}", file=sys.stderr)
         with progress_bar("classifying", total, enabled=not args.no_progress and args.input is not None) as advance:

@@ -84,7 +84,7 @@ def checkpoint_info(ckpt: str, precision: str, device: str) -> dict:
     """What /info says: the model, label names, padding rule, decision, precision and the file's sha256."""
     import torch
 
-    from spamclf.hardware import inference_dtype
+    from spamclf.hardware import inference_precision
 
     try:
         hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
@@ -94,7 +94,6 @@ def checkpoint_info(ckpt: str, precision: str, device: str) -> dict:
     with open(ckpt, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             digest.update(chunk)
-    dtype = inference_dtype(precision, torch.device(device))
     tokenization = hparams.get("tokenization") or {}
     return {
         "checkpoint": str(Path(ckpt).resolve()), "sha256": digest.hexdigest(),
@@ -102,7 +101,7 @@ def checkpoint_info(ckpt: str, precision: str, device: str) -> dict:
         "label_names": list(hparams.get("label_names", [])),
         "padding": {k: tokenization.get(k) for k in ("padding", "pad_length", "context_length")},
         "decision": hparams.get("decision") or {"threshold": hparams.get("threshold")},
-        "precision": {"requested": precision, "used": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")},
+        "precision": {"requested": precision, "used": inference_precision(precision, torch.device(device))},
     }
 
 
