@@ -18,7 +18,6 @@ _T0 = time.perf_counter()  # a case's wall time counts from here: start-up and i
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -107,7 +106,7 @@ def case_peer(args) -> dict:
     import torch
     from transformers import GPT2Config, GPT2Model
 
-    from spamclf.data import SpamDataModule
+    from spamclf.datamodule import SpamDataModule
     from spamclf.gpt2 import preset
 
     torch.manual_seed(123)
@@ -158,8 +157,9 @@ def _checkpoint_and_messages(args, tmp: Path) -> list[str]:
     and the SMS collection's messages."""
     import lightning as L
 
-    from spamclf.data import SMS_FILE, SpamDataModule, read_labelled_file
+    from spamclf.datamodule import SpamDataModule
     from spamclf.module import SpamClassifier
+    from spamclf.reading import SMS_FILE, read_labelled_file
     from spamclf.tokenizer import asset_path
 
     L.seed_everything(123)
@@ -371,24 +371,22 @@ def _gflops(flops: float, seconds: float) -> str:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    from spamclf.precision import cpu
+
+    return cpu().model
 
 
 def cpu_header() -> str:
     """The CPU as the precision choice sees it, and its measured matmul rates."""
     import torch
 
-    from spamclf.hardware import cpu, cpu_bf16_summary, matmul_gflops, resolve_precision
+    from spamclf.precision import cpu, cpu_bf16_summary, matmul_gflops, resolve
 
     info = cpu()
     fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
     return (f"CPU: {info.model}; torch capability {info.capability}; {cpu_bf16_summary()}; "
             f"1024² matmul fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s ({bf16 / fp32:.2f}x); "
-            f"precision auto -> {resolve_precision('auto', 'cpu').used}")
+            f"precision auto -> {resolve('auto', 'cpu').lightning}")
 
 
 def report(results: dict, args) -> None:

@@ -7,34 +7,24 @@ It is exact: the suffix sees the very states the full forward would compute (see
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from spamclf.gpt2 import Packed, real_tokens
-from spamclf.hardware import onednn_bf16_inference
-from spamclf.tokenizer import PAD_ID
+from spamclf.batching import length_batches
+from spamclf.heads import Readout, frozen_prefix_depth
+from spamclf.kernels import onednn_bf16_inference
+from spamclf.packing import packed_prefix, release_freed_memory
+from spamclf.precision import dtype_of
+from spamclf.progress import progress_bar
 
 log = logging.getLogger(__name__)
-FILL = 128  # packed batches are padded to a multiple of this many positions (small ones to a power of two)
-
-
-def filled_rows(n: int) -> int:
-    """How many rows a packed batch of n positions is padded to: few distinct matmul shapes (oneDNN generates
-    and keeps kernels per shape), without computing 128 rows for one short message (the server's case)."""
-    if n >= FILL:
-        return -(-n // FILL) * FILL
-    return max(16, 1 << (n - 1).bit_length())
-
-
+CACHE_DTYPES = ("auto", "bf16", "fp32")
 def cache_blocker(depth: int, drop_rate: float, causal: bool, pooling: str, pad_length: int | None) -> str | None:
     """Why the prefix cannot be cached exactly, or None when it can."""
     if depth == 0:
@@ -72,7 +62,7 @@ class PrefixCache:
         lengths = dataset.lengths
         widest = max(lengths)
         stored = [pad_length or (widest if pooling == "last" else n) for n in lengths]
-        batches = _token_batches(stored, tokens_per_batch)
+        batches = length_batches(stored, tokens=tokens_per_batch)
         starts, position = [0] * len(stored), 0  # rows are stored in build order: one copy per batch
         for r in (r for rows in batches for r in rows):
             starts[r], position = position, position + stored[r]
@@ -118,70 +108,51 @@ class PrefixCache:
             self._remove_file()
 
 
-@dataclass
-class PrefixBatch:
-    rows: list[int]  # row numbers in the input
-    input_ids: torch.Tensor  # [B, width], padded with <|endoftext|>
-    lengths: torch.Tensor  # [B] real tokens per row (within width)
-    packed: Packed  # where `hidden`'s rows sit on the [B, width] grid
-    hidden: torch.Tensor  # [N, D]: the stored positions of every row, row after row
+class SplitCaches:
+    """A run's prefix caches, one per split, each built the first time its split is evaluated or trained on (and
+    kept: the frozen prefix never changes). `dtype` auto stores bf16 under bf16 precision, else fp32."""
 
-    def grid(self) -> torch.Tensor:
-        """`hidden` put back on the padded [B, width, D] grid (zeros where nothing was computed)."""
-        b, width = self.input_ids.shape
-        out = self.hidden.new_zeros(b * width, self.hidden.shape[1]).index_copy_(0, self.packed.index, self.hidden)
-        return out.view(b, width, -1)
+    def __init__(self, enabled: bool = True, dtype: str = "auto", max_memory_mb: float = 4096):
+        self.enabled, self.dtype, self.max_memory_mb = enabled, dtype, max_memory_mb
+        self.caches: dict[str, PrefixCache | None] = {}
 
+    def plan(self, model, readout: Readout, drop_rate: float, pad_length: int | None) -> tuple[int, str | None]:
+        """(frozen depth, reason the prefix cannot be cached, or None)."""
+        depth = frozen_prefix_depth(model)
+        if not self.enabled:
+            return depth, "model.prefix_cache=false"
+        return depth, cache_blocker(depth, drop_rate, readout.causal, readout.pooling, pad_length)
 
-def packed_prefix(model, ids: Sequence[Sequence[int]], stored: Sequence[int], depth: int, use_mask: bool,
-                  pad_length: int | None, *, device: torch.device, batches: list[list[int]] | None = None,
-                  tokens_per_batch: int = 2048, one_width: bool = False) -> Iterator[PrefixBatch]:
-    """Embeddings and the first `depth` blocks of `model` (a GPT2) over rows of token ids, computing each
-    row's first `stored[r]` positions (padding past a row's ids counts as tokens there).
+    def get(self, split: str, model, readout: Readout, drop_rate: float, datamodule, precision: str,
+            device: torch.device, show_progress: bool) -> PrefixCache | None:
+        """The cache of `split` (an EncodedSplit in `datamodule.datasets`), or None when it cannot be cached."""
+        if split in self.caches:
+            return self.caches[split]
+        depth, reason = self.plan(model, readout, drop_rate, getattr(datamodule, "pad_length", None))
+        if reason is not None or datamodule is None or split not in getattr(datamodule, "datasets", {}):
+            if split == "train" and reason is not None:
+                log.info("prefix cache off: %s", reason)
+            self.caches[split] = None
+            return None
+        dtype = self.dtype if self.dtype != "auto" else ("bf16" if dtype_of(precision) == torch.bfloat16 else "fp32")
+        dataset = datamodule.datasets[split]
+        with progress_bar(f"prefix cache ({split})", len(dataset), enabled=show_progress) as advance:
+            self.caches[split] = PrefixCache.build(
+                model, dataset, datamodule.pad_length, depth, readout.pooling, readout.use_mask,
+                dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, device=device,
+                max_memory_mb=self.max_memory_mb, progress=advance,
+            )
+        return self.caches[split]
 
-    Rows go by width into batches of about `tokens_per_batch` positions; the linear layers see only
-    the stored positions, packed ([N, D], N rounded up by `filled_rows`: few matmul shapes), while
-    attention sees them on the padded grid. `use_mask`: attend only to real tokens. `pad_length`: the
-    fixed width every row is padded to, or None. `one_width`: batch only rows of the same width (their
-    results then never depend on others)."""
-    context = model.cfg.context_length
-    # Where trailing padding on the grid cannot reach what is computed (causal or masked attention, no
-    # fixed width, widths that may differ), grid widths are rounded up to 16: fewer kernel shapes.
-    align = 16 if (model.cfg.causal or use_mask) and pad_length is None and not one_width else 1
-    for rows in batches if batches is not None else _token_batches(stored, tokens_per_batch, one_width):
-        width = min(-(-max(stored[r] for r in rows) // align) * align, context)
-        input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-        for j, r in enumerate(rows):
-            input_ids[j, : min(len(ids[r]), width)] = torch.as_tensor(ids[r][:width])
-        lengths = torch.tensor([min(len(ids[r]), width) for r in rows])
-        valid = real_tokens(lengths, width).to(device) if use_mask else None
-        packed = Packed.of(real_tokens(torch.tensor([min(stored[r], width) for r in rows]), width).to(device))
-        n = packed.index.numel()
-        x = model.embed(input_ids.to(device)).flatten(0, 1).index_select(0, packed.index)
-        hidden = model.run_blocks(F.pad(x, (0, 0, 0, filled_rows(n) - n)), 0, depth, valid, packed=packed)
-        yield PrefixBatch(rows, input_ids, lengths, packed, hidden[:n])
+    @property
+    def build_seconds(self) -> float:
+        return sum(c.build_seconds for c in self.caches.values() if c is not None)
 
-
-def _token_batches(widths: Sequence[int], budget: int, one_width: bool = False) -> list[list[int]]:
-    """Rows sorted by width, cut into batches of at most `budget` positions (or one row): similar widths
-    go together (little padding on the attention grid), short messages many to a batch (big matmuls).
-    `one_width`: every batch holds rows of a single width."""
-    batches, rows, total = [], [], 0
-    for r in sorted(range(len(widths)), key=widths.__getitem__):
-        if rows and (total + widths[r] > budget or (one_width and widths[r] != widths[rows[0]])):
-            batches.append(rows)
-            rows, total = [], 0
-        rows.append(r)
-        total += widths[r]
-    return batches + [rows] if rows else batches
-
-
-def release_freed_memory() -> None:
-    """Hand the activations' freed heap back to the OS (glibc keeps fragmented frees otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    def close(self) -> None:
+        for cache in self.caches.values():
+            if cache is not None:
+                cache.close()
+        self.caches = {}
 
 
 def _remove(path: str) -> None:

@@ -1,28 +1,19 @@
-"""The decision a deployed filter makes from class scores: which class is "positive" (spam), the threshold
-it must reach (fixed, or chosen on validation for a target false-positive rate, precision or F1), temperature
-scaling so that a probability means what it says, and the metrics a filter is judged by at that operating
-point: false-positive rate ("N of M ham flagged"), recall, precision, F1, AUROC, calibration error.
+"""The decision a deployed filter makes from class probabilities, as one typed object: which class is "positive"
+(spam), the threshold its probability must reach (fixed, or chosen on validation for a target false-positive
+rate, precision or F1), and the temperature that calibrates the probabilities. It is chosen after each
+validation (`spamclf.evaluation`), saved in every checkpoint, and read back by `load_decision` alone: the
+classifier, the server, the exports and the page all decide through it.
 
-Plain torch and torchmetrics: the module, the reports and prediction all call these.
+Plain Python: no torch, so the ONNX Runtime path decides exactly as the torch one does.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 
-import torch
-import torch.nn.functional as F
-from torchmetrics.functional.classification import (
-    binary_auroc,
-    multiclass_auroc,
-    multiclass_calibration_error,
-    multiclass_f1_score,
-    multiclass_precision,
-    multiclass_recall,
-)
-
-from spamclf.errors import InvalidOption, SpamclfError
+from spamclf.errors import InvalidOption
 
 THRESHOLD_RULES = ("fixed", "max_fpr", "min_precision", "max_f1")
 THRESHOLD_HELP = ("a number in [0, 1], or one of threshold.fixed=P, threshold.max_fpr=R (highest recall with at most that "
@@ -64,131 +55,90 @@ def threshold_rule(spec) -> tuple[str, float]:
     return rule, float(target)
 
 
-def _counts(scores: torch.Tensor, positive: torch.Tensor, thresholds: torch.Tensor):
-    """True and false positives when flagging score >= t, for every t in `thresholds` (ascending)."""
-    order = torch.argsort(scores)
-    sorted_scores, sorted_pos = scores[order], positive[order].float()
-    # rows at or above t: those from searchsorted(t, left) onward
-    start = torch.searchsorted(sorted_scores, thresholds, right=False)
-    pos_above = torch.cat([sorted_pos.flip(0).cumsum(0).flip(0), torch.zeros(1)])[start]
-    all_above = (len(scores) - start).float()
-    return pos_above, all_above - pos_above
+@dataclass(frozen=True)
+class Prediction:
+    """One message's answer: the decided label, its probability, every class's probability, and whether the text
+    was cut to the width the model was trained on."""
+
+    text: str
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+    truncated: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
-def choose_threshold(scores: torch.Tensor, positive: torch.Tensor, rule: str, target: float) -> float:
-    """The threshold on the positive class's probability that meets `rule` on these (validation) scores.
+@dataclass(frozen=True)
+class Decision:
+    """From calibrated class probabilities to a label. Two classes: the positive class wherever its probability
+    reaches `threshold`; more classes: the most probable one. `measured`: what this operating point measured on
+    the validation split when it was chosen (false positives "N of M ham", recall, precision), for people."""
 
-    max_fpr: the highest recall whose false-positive rate is at most `target`; min_precision: the highest
-    recall whose precision is at least `target`; max_f1: the best F1. Ties go to the higher threshold
-    (fewer messages flagged). Where no threshold meets the target, nothing is flagged: a threshold just
-    above every score."""
-    if rule == "fixed":
-        return float(target)
-    scores, positive = scores.double().flatten(), positive.bool().flatten()
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise SpamclfError(f"threshold.{rule} needs both classes in the validation split; it has {n_pos} positive, "
-                           f"{n_neg} negative; use threshold.fixed or more data")
-    above_all = math.nextafter(float(scores.max()), math.inf)
-    candidates = torch.cat([torch.unique(scores), torch.tensor([above_all], dtype=torch.float64)])
-    tp, fp = _counts(scores, positive, candidates)
-    recall, fpr = tp / n_pos, fp / n_neg
-    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.ones_like(tp))
-    if rule == "max_fpr":
-        ok, merit = fpr <= target + 1e-12, recall
-    elif rule == "min_precision":
-        ok, merit = precision >= target - 1e-12, recall
-    else:
-        ok, merit = torch.ones_like(recall, dtype=torch.bool), 2 * tp / (2 * tp + fp + (n_pos - tp)).clamp(min=1)
-    merit = torch.where(ok, merit, torch.full_like(merit, -1.0))
-    best = merit.max()
-    if best < 0:
-        return above_all
-    return float(candidates[(merit == best).nonzero().max()])  # candidates ascend: the highest threshold of the ties
+    label_names: tuple[str, ...]
+    positive: int
+    threshold: float = 0.5
+    rule: str = "fixed"
+    target: float = 0.5
+    temperature: float = 1.0
+    measured: dict = field(default_factory=dict)
 
+    @classmethod
+    def configured(cls, label_names: Sequence[str], positive_label: str | None = None, threshold=0.5) -> Decision:
+        """The decision as configured, before anything is chosen on validation (a rule starts at 0.5)."""
+        names = tuple(str(n) for n in label_names)
+        rule, target = threshold_rule(threshold)
+        if rule != "fixed" and len(names) != 2:
+            raise InvalidOption("threshold", threshold, f"a fixed threshold: rules need two classes, not {len(names)}")
+        return cls(names, positive_index(names, positive_label), target if rule == "fixed" else 0.5, rule, target)
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> float:
-    """Temperature T minimising the cross-entropy of logits / T (Guo et al., 2017), fitted on validation.
-    Runs with gradients even when called from evaluation (inference mode)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        logits, labels = logits.detach().clone().double(), labels.detach().clone()
-        log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps, line_search_fn="strong_wolfe")
+    @property
+    def positive_label(self) -> str:
+        return self.label_names[self.positive]
 
-        def closure():
-            optimizer.zero_grad()
-            loss = F.cross_entropy(logits / log_t.exp(), labels)
-            loss.backward()
-            return loss
+    @property
+    def chosen_on_validation(self) -> bool:
+        return self.rule != "fixed"
 
-        optimizer.step(closure)
-        temperature = float(log_t.detach().exp())
-    return temperature if math.isfinite(temperature) and temperature > 0 else 1.0
+    def chosen(self, threshold: float, temperature: float, measured: dict | None = None) -> Decision:
+        return replace(self, threshold=float(threshold), temperature=float(temperature), measured=dict(measured or {}))
 
+    def label(self, probs: Sequence[float]) -> int:
+        """The class id for one message's probabilities."""
+        if len(probs) == 2:
+            return self.positive if probs[self.positive] >= self.threshold else 1 - self.positive
+        return max(range(len(probs)), key=probs.__getitem__)
 
-def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    return (logits.float() / temperature).softmax(-1)
+    def predict(self, text: str, probs: Sequence[float], truncated: bool) -> Prediction:
+        probs = [float(p) for p in probs]
+        best = self.label(probs)
+        return Prediction(text, self.label_names[best], probs[best], dict(zip(self.label_names, probs)), truncated)
+
+    def as_dict(self) -> dict:
+        return {"label_names": list(self.label_names), "positive_label": self.positive_label, "threshold": self.threshold,
+                "rule": self.rule, "target": self.target, "temperature": self.temperature, "measured": dict(self.measured)}
 
 
-def decide(probs: torch.Tensor, positive: int | None, threshold: float) -> torch.Tensor:
-    """Class ids: for two classes, the positive class where its probability reaches the threshold; else argmax."""
-    if positive is None or probs.shape[1] != 2:
-        return probs.argmax(-1)
-    return torch.where(probs[:, positive] >= threshold, positive, 1 - positive)
+def load_decision(checkpoint: Mapping) -> Decision:
+    """The decision a checkpoint (a dict as torch.load returns it) carries. Checkpoints written before the decision
+    had its own entry keep it in their hyperparameters (`decision`, or just the configured `threshold`)."""
+    if "decision" in checkpoint:
+        stored = checkpoint["decision"]
+        names = stored["label_names"]
+        return Decision(tuple(names), names.index(stored["positive_label"]), stored["threshold"], stored["rule"],
+                        stored["target"], stored["temperature"], dict(stored.get("measured") or {}))
+    hparams = checkpoint.get("hyper_parameters", {})
+    decision = Decision.configured(hparams.get("label_names", ("ham", "spam")), hparams.get("positive_label"),
+                                   hparams.get("threshold", 0.5))
+    chosen = hparams.get("decision")
+    return decision.chosen(chosen["threshold"], chosen.get("temperature", 1.0)) if chosen else decision
 
 
-def operating_point(probs: torch.Tensor, labels: torch.Tensor, label_names: Sequence[str], positive: int,
-                    threshold: float, prevalence: float | None = None) -> dict:
-    """Metrics of decisions at `threshold` (two classes) or argmax (more). Two classes: the false-positive
-    rate with its count ("3 of 1,210 ham"), recall, precision, F1 of the positive class, AUROC and expected
-    calibration error; with `prevalence` (the positive class's share of real traffic) also the precision
-    and F1 that recall and false-positive rate give at that share, whatever this set's own mix. More
-    classes: macro precision/recall/F1/AUROC, ECE and a per-class table."""
-    names, k = list(label_names), len(label_names)
-    labels = labels.long()
-    predicted = decide(probs, positive if k == 2 else None, threshold)
-    out = {"count": len(labels), "accuracy": float((predicted == labels).float().mean()) if len(labels) else float("nan"),
-           "ece": float(multiclass_calibration_error(probs, labels, num_classes=k, n_bins=15))}
-    if k == 2:
-        is_pos, flagged = labels == positive, predicted == positive
-        tp, fp = int((flagged & is_pos).sum()), int((flagged & ~is_pos).sum())
-        n_pos, n_neg = int(is_pos.sum()), int((~is_pos).sum())
-        negative = names[1 - positive]
-        out.update({
-            "positive_label": names[positive], "threshold": threshold,
-            "fpr": fp / n_neg if n_neg else float("nan"), "false_positives": f"{fp} of {n_neg} {negative}",
-            "recall": tp / n_pos if n_pos else float("nan"),
-            "precision": tp / (tp + fp) if tp + fp else float("nan"),
-            "f1": 2 * tp / (2 * tp + fp + n_pos - tp) if n_pos + fp else float("nan"),
-            "auroc": float(binary_auroc(probs[:, positive], is_pos.long())) if n_pos and n_neg else float("nan"),
-            "positive_rate": n_pos / len(labels) if len(labels) else float("nan"),
-        })
-        if prevalence is not None and n_pos and n_neg:
-            hits, alarms = out["recall"] * prevalence, out["fpr"] * (1 - prevalence)
-            at_rate = hits / (hits + alarms) if hits + alarms else float("nan")
-            out.update({"prevalence": prevalence, "precision_at_prevalence": at_rate,
-                        "f1_at_prevalence": 2 * at_rate * out["recall"] / (at_rate + out["recall"]) if at_rate + out["recall"] else 0.0})
-        return out
-    kw = {"num_classes": k}
-    out.update({
-        "precision": float(multiclass_precision(probs, labels, average="macro", **kw)),
-        "recall": float(multiclass_recall(probs, labels, average="macro", **kw)),
-        "f1": float(multiclass_f1_score(probs, labels, average="macro", **kw)),
-        "auroc": float(multiclass_auroc(probs, labels, average="macro", **kw)),
-        "per_class": {
-            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int((labels == i).sum())}
-            for i, (name, p, r, f) in enumerate(zip(
-                names, multiclass_precision(probs, labels, average=None, **kw),
-                multiclass_recall(probs, labels, average=None, **kw), multiclass_f1_score(probs, labels, average=None, **kw)))
-        },
-    })
-    return out
-
-
-def reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> list[tuple[float, float, int]]:
-    """(mean confidence, accuracy, count) per confidence bin of the predicted class: the reliability diagram."""
-    confidence, predicted = probs.max(-1)
-    correct = (predicted == labels).float()
-    bins = torch.clamp((confidence * n_bins).long(), max=n_bins - 1)
-    return [(float(confidence[bins == b].mean()), float(correct[bins == b].mean()), int((bins == b).sum()))
-            for b in range(n_bins) if (bins == b).any()]
+def softmax(logits: Sequence[float], temperature: float = 1.0) -> list[float]:
+    """Class probabilities of one row of logits at `temperature` (for backends without torch)."""
+    scaled = [x / temperature for x in logits]
+    top = max(scaled)
+    exps = [math.exp(x - top) for x in scaled]
+    total = sum(exps)
+    return [e / total for e in exps]

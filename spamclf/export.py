@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from spamclf.errors import SpamclfError
+from spamclf.inference import Classifier
+from spamclf.io import atomic_folder
 
 FORMATS = ("hf", "onnx")
 
 
-def _merged_body(clf) -> nn.Module:
+def _merged_body(clf: Classifier) -> nn.Module:
     """The classifier's GPT-2 with any LoRA adapters merged into plain nn.Linear layers (a copy)."""
     import copy
 
@@ -46,15 +46,15 @@ def _merged_body(clf) -> nn.Module:
     return body
 
 
-def _check_exportable_to_hf(clf) -> None:
-    if clf.hparams.pooling != "last_nonpad":
-        raise SpamclfError(f"the checkpoint pools with model.pooling={clf.hparams.pooling}; transformers' GPT-2 classifier reads "
+def _check_exportable_to_hf(clf: Classifier) -> None:
+    if clf.readout.pooling != "last_nonpad":
+        raise SpamclfError(f"the checkpoint pools with model.pooling={clf.readout.pooling}; transformers' GPT-2 classifier reads "
                            f"the last non-padding token: train with model.pooling=last_nonpad to export it (or use --format onnx)")
-    if not clf.hparams.causal:
+    if not clf.readout.causal:
         raise SpamclfError("the checkpoint was trained with model.causal=false; transformers' GPT-2 is causal: use --format onnx")
 
 
-def hf_state_dict(clf) -> dict[str, torch.Tensor]:
+def hf_state_dict(clf: Classifier) -> dict[str, torch.Tensor]:
     """GPT2ForSequenceClassification's tensors for a last_nonpad classifier: the body in Hugging Face's layout,
     the head's bias folded into ln_f's shift, the temperature into `score`."""
     from spamclf.weights import to_hf_state_dict
@@ -67,21 +67,19 @@ def hf_state_dict(clf) -> dict[str, torch.Tensor]:
     if not torch.allclose(weight @ delta, bias, atol=1e-6):
         raise SpamclfError("the classification head has dependent rows, so its bias cannot be folded exactly; use --format onnx")
     state["transformer.ln_f.bias"] = (state["transformer.ln_f.bias"].double() + delta).float()
-    state["score.weight"] = (weight / clf.temperature).float().contiguous()
+    state["score.weight"] = (weight / clf.decision.temperature).float().contiguous()
     return state
 
 
-def export_hf(clf, out: Path) -> Path:
+def export_hf(clf: Classifier, out: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import GPT2Config
 
     from spamclf.tokenizer import ENDOFTEXT, PAD_ID, asset_path
 
     _check_exportable_to_hf(clf)
-    cfg, names = clf.model.cfg, clf.label_names
-    tokenization = clf.hparams.tokenization or {}
-    width = tokenization.get("pad_length") or tokenization.get("context_length") or cfg.context_length
-    with _atomic_folder(out) as tmp:
+    cfg, names, width = clf.model.cfg, clf.label_names, clf.width
+    with atomic_folder(out) as tmp:
         config = GPT2Config(
             vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim, n_layer=cfg.n_layers,
             n_head=cfg.n_heads, layer_norm_epsilon=cfg.layer_norm_eps, activation_function="gelu_new",
@@ -89,7 +87,7 @@ def export_hf(clf, out: Path) -> Path:
             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
             pad_token_id=PAD_ID, bos_token_id=PAD_ID, eos_token_id=PAD_ID, architectures=["GPT2ForSequenceClassification"],
         )
-        config.spamclf = {"positive_label": names[clf.positive], "threshold": clf.threshold, "max_length": width}
+        config.spamclf = {"positive_label": clf.decision.positive_label, "threshold": clf.decision.threshold, "max_length": width}
         config.save_pretrained(tmp)
         save_file(hf_state_dict(clf), tmp / "model.safetensors", metadata={"format": "pt"})
         shutil.copy(asset_path("encoder.json"), tmp / "vocab.json")
@@ -103,60 +101,35 @@ def export_hf(clf, out: Path) -> Path:
 
 
 class _OnnxClassifier(nn.Module):
-    def __init__(self, clf):
+    def __init__(self, clf: Classifier):
         super().__init__()
-        self.clf, self.temperature = clf, clf.temperature
+        self.model, self.readout, self.temperature = clf.model, clf.readout, clf.decision.temperature
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.clf(input_ids, lengths) / self.temperature
+        return self.readout.logits(self.model, input_ids, lengths) / self.temperature
 
 
-def export_onnx(clf, out: Path) -> Path:
+def export_onnx(clf: Classifier, out: Path) -> Path:
     import onnx
 
-    clf = clf.eval()
     wrapper = _OnnxClassifier(clf)
-    tokenization = clf.hparams.tokenization or {}
+    tokenization = clf.tokenization
     width = tokenization.get("pad_length") or 16
     example = (torch.full((2, width), 50256, dtype=torch.long), torch.tensor([width, max(1, width // 2)]))
     batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1, max=clf.model.cfg.context_length)
     dynamic = {"input_ids": {0: batch} if tokenization.get("pad_length") else {0: batch, 1: length}, "lengths": {0: batch}}
-    with _atomic_folder(out) as tmp:
+    with atomic_folder(out) as tmp:
         program = torch.onnx.export(wrapper, example, input_names=["input_ids", "lengths"], output_names=["logits"],
                                     dynamic_shapes=dynamic, dynamo=True, verbose=False)
         program.save(str(tmp / "model.onnx"))
         model = onnx.load(str(tmp / "model.onnx"))
         for key, value in {"label_names": json.dumps(clf.label_names), "padding": json.dumps(tokenization),
-                           "positive_label": clf.label_names[clf.positive], "threshold": str(clf.threshold),
-                           "pad_id": "50256"}.items():
+                           "positive_label": clf.decision.positive_label, "threshold": str(clf.decision.threshold),
+                           "decision": json.dumps(clf.decision.as_dict()), "pad_id": "50256"}.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.save(model, str(tmp / "model.onnx"))
     return out / "model.onnx"
-
-
-class _atomic_folder:
-    """Write into a temporary sibling folder, then move it into place: no half-written export."""
-
-    def __init__(self, out: Path):
-        self.out = Path(out)
-
-    def __enter__(self) -> Path:
-        if self.out.exists() and any(self.out.iterdir()):
-            raise SpamclfError(f"{self.out}: folder exists and is not empty; choose a new --out or remove it")
-        if not self.out.parent.is_dir():
-            raise SpamclfError(f"{self.out.parent}: folder does not exist; create it or fix --out")
-        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}."))
-        self.tmp.chmod(0o755)  # mkdtemp makes it private; an export is for others to read
-        return self.tmp
-
-    def __exit__(self, kind, error, tb) -> None:
-        if kind is None:
-            if self.out.exists():
-                self.out.rmdir()
-            os.replace(self.tmp, self.out)
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, required=True)
     args = parser.parse_args(argv)
     try:
-        from spamclf.module import load_classifier
-
-        clf = load_classifier(args.ckpt)
+        clf = Classifier.load(args.ckpt, precision="fp32")
         written = export_hf(clf, Path(args.out)) if args.format == "hf" else export_onnx(clf, Path(args.out))
     except SpamclfError as e:
         print(f"error: {e}", file=sys.stderr)

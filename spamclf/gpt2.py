@@ -1,18 +1,18 @@
 """GPT-2 in plain PyTorch, with the book's attribute names.
 
-    model = GPT2.from_pretrained("gpt2-small")       # open weights, through spamclf.weights
+    model = load_pretrained("gpt2-small")            # open weights: from spamclf.weights import load_pretrained
     model.out_head = torch.nn.Linear(768, 2)         # the book's snippets run unchanged
     logits = model(input_ids)[:, -1, :]
 
 This file imports torch and nothing else: no Lightning, Hydra, data or file formats. Copy it into a
-notebook and `GPT2.random(preset("gpt2-small"))` works; `from_pretrained` needs `spamclf.weights`.
-Hardware-specific kernels are not here either: `spamclf.hardware` swaps them in around inference.
+notebook and `GPT2.random(preset("gpt2-small"))` works; loading weights is `spamclf.weights`.
+Hardware-specific kernels are not here either: `spamclf.kernels` swaps them in around inference, by the
+names `TransformerBlock.linears` gives.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -123,6 +123,11 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
         self.ff = FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def linears(self) -> list[tuple[nn.Module, str, str | None]]:
+        """Every linear layer as (parent module, attribute, the attribute of the activation that follows it in the
+        same parent, or None): what a kernel library needs to swap layers or fuse an activation, by name."""
+        return [(self.att, "qkv", None), (self.att, "out_proj", None), (self.ff.layers, "0", "1"), (self.ff.layers, "2", None)]
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, at: torch.Tensor | None = None,
                 packed: Packed | None = None) -> torch.Tensor:
@@ -240,13 +245,3 @@ class GPT2(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         return self.out_head(self.features(input_ids, valid))
-
-    # ------------------------------------------------------------------------------- pretrained weights
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike = "gpt2-small", config: GPTConfig | None = None,
-                        cache_dir: str | None = None, **overrides) -> GPT2:
-        """Open GPT-2 weights: a preset name (gpt2-small … gpt2-xl), a hub id, a .safetensors file or a
-        folder. The hub, file and key-mapping code is `spamclf.weights.load_pretrained`."""
-        from spamclf.weights import load_pretrained
-
-        return load_pretrained(source, config, cache_dir, **overrides)

@@ -1,17 +1,46 @@
-"""What turns the language model into a classifier: the head swap, which layers train, and pooling."""
+"""What turns the language model into a classifier: the head swap, which layers train, and how the logits are
+read (pooling). Training (`spamclf.module`) and inference (`spamclf.inference`) build and run the network here."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from spamclf.errors import InvalidOption
-from spamclf.gpt2 import GPT2, at_positions, real_tokens
+from spamclf.gpt2 import GPT2, PRESETS, at_positions, preset, real_tokens
+from spamclf.weights import load_pretrained
 
 POOLING_CHOICES = ("last", "first", "last_nonpad", "mean")
 TRAINABLE_NAMES = ("head", "last_block", "last_two_blocks", "all", "lora")
 TRAINABLE_HELP = "one of " + ", ".join(TRAINABLE_NAMES) + ", or an integer k (the last k blocks + final norm + head)"
 LORA_TARGETS = ["qkv", "out_proj", "layers.0", "layers.2"]  # attention and feed-forward linears, not the head
+
+
+WEIGHTS_CHOICES = ("pretrained", "random")
+
+
+def classifier_network(model_name: str, num_classes: int, weights: str = "pretrained", weights_path: str | None = None,
+                       trainable_layers: str | int = "last_block", lora_rank: int = 16, lora_alpha: float = 16,
+                       drop_rate: float = 0.0, causal: bool = True, init: bool = True) -> GPT2:
+    """GPT-2 with a `num_classes` head, frozen as `trainable_layers` says. `init=False` with random weights leaves
+    the body's tensors unallocated (meta), for a caller that loads every tensor from a checkpoint next."""
+    if weights not in WEIGHTS_CHOICES:
+        raise InvalidOption("weights", weights, "one of " + ", ".join(WEIGHTS_CHOICES))
+    overrides = {"drop_rate": drop_rate, "causal": causal}
+    if weights == "pretrained":
+        model = load_pretrained(weights_path or model_name, **overrides)
+    elif model_name not in PRESETS:
+        raise InvalidOption("model_name", model_name, "one of " + ", ".join(PRESETS))
+    elif init:
+        model = GPT2.random(preset(model_name, **overrides))
+    else:
+        with torch.device("meta"):
+            model = GPT2(preset(model_name, **overrides))
+    replace_head(model, num_classes)
+    apply_trainable_layers(model, trainable_layers, lora_rank, lora_alpha)
+    return model
 
 
 def replace_head(model: GPT2, num_classes: int) -> None:
@@ -110,3 +139,40 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
         return at_positions(hidden, at)
     real = real_tokens(lengths, hidden.shape[1])
     return (hidden * real[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
+
+
+@dataclass(frozen=True)
+class Readout:
+    """How the class logits are read from GPT-2: `pooling` picks the position(s); `pooled_only` lets the last block
+    compute only the position the pooling reads (the same logits, ~6x less work there; not for mean pooling);
+    without the causal mask, real tokens are masked in wherever padding could otherwise reach them."""
+
+    pooling: str = "last"
+    pooled_only: bool = True
+    causal: bool = True
+
+    def __post_init__(self):
+        check_pooling(self.pooling)
+
+    @property
+    def use_mask(self) -> bool:
+        # With the causal mask, right padding never reaches a real token, and pooling=last reads padding by design.
+        return not self.causal and self.pooling != "last"
+
+    def prefix_depth(self, n_layers: int) -> int:
+        """How many blocks can run before the logits are read: all but the last when only one position is read."""
+        return n_layers - 1 if self.pooled_only and self.pooling != "mean" else n_layers
+
+    def logits(self, model: GPT2, input_ids: torch.Tensor, lengths: torch.Tensor, hidden: torch.Tensor | None = None,
+               start_block: int = 0) -> torch.Tensor:
+        """Class logits [B, C] of right-padded `input_ids` [B, T] with `lengths` [B] real tokens; `hidden`
+        [B, T, D] resumes from states after `start_block` blocks (a prefix cache, or a packed prefix)."""
+        lengths = lengths.to(input_ids.device)
+        valid = real_tokens(lengths, input_ids.shape[1]) if self.use_mask else None
+        x = model.embed(input_ids) if hidden is None else hidden
+        at = pooled_position(lengths.to(x.device), x.shape[1], self.pooling) if self.pooled_only else None
+        if at is None:
+            x = model.final_norm(model.run_blocks(x, start_block, valid=valid))
+            return model.out_head(pool(x, lengths, self.pooling))
+        x = model.run_blocks(x, start_block, valid=valid, at=at)[:, 0]
+        return model.out_head(model.final_norm(x))

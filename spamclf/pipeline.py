@@ -19,10 +19,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from spamclf.data import NATURAL, SPLITS
 from spamclf.errors import CheckpointError, InvalidOption, SpamclfError
-from spamclf.hardware import resolve_precision
-from spamclf.module import load_classifier
+from spamclf.io import write_json
+from spamclf.module import SpamClassifier
+from spamclf.precision import resolve
+from spamclf.splits import NATURAL, SPLITS
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -73,20 +74,15 @@ def run(cfg: DictConfig) -> dict:
     datamodule = build("data", cfg.data)
     datamodule.setup("fit")
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"), output_dir)
-    if cfg.train:
-        model = build("model", cfg.model, label_names=datamodule.label_names)
-    elif ckpt_path is None:
-        raise SpamclfError("train=false needs ckpt_path=PATH (the checkpoint to evaluate)")
-    else:
-        model = load_classifier(ckpt_path)
+    model = _model(cfg, datamodule.label_names, ckpt_path)
     callbacks = [build(f"callbacks.{k}", c) for k, c in (cfg.get("callbacks") or {}).items() if c and "_target_" in c]
     loggers = [build(f"logger.{k}", c) for k, c in (cfg.get("logger") or {}).items() if c and "_target_" in c]
     # Without a ModelCheckpoint in callbacks, Lightning would silently add one: no hidden multi-GB writes.
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
+    precision = resolve(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
     _ddp_ranks_join_this_job()
     trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing,
-                    precision=precision.used)
+                    precision=precision.lightning)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -95,29 +91,15 @@ def run(cfg: DictConfig) -> dict:
         t0 = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         timings["fit_s"] = time.perf_counter() - t0
-        timings["prefix_cache_fit_s"] = _cache_seconds(model)
+        timings["prefix_cache_fit_s"] = model.caches.build_seconds
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     objective = _objective(trainer, cfg.optimized_metric)
     metrics: dict = {}
-    # The operating point (threshold rule, temperature) is chosen on validation by the best checkpoint: with
-    # test=false that pass still runs, on the validation split alone.
-    choose_decision = cfg.train and (model.hparams.calibrate or model.rule[0] != "fixed")
-    if cfg.test or choose_decision:
+    if cfg.test:
         t0 = time.perf_counter()
-        datamodule.test_splits = (*SPLITS, NATURAL) if cfg.test else ("val",)
-        trainer.test(model, datamodule=datamodule, ckpt_path=(best or None) if cfg.train else None)
+        metrics = _test_once(trainer, model, datamodule, (best or None) if cfg.train else None)
         timings["test_s"] = time.perf_counter() - t0
-        metrics = _split_metrics(trainer.callback_metrics)
-        if model.operating:
-            metrics["operating_point"] = {
-                "positive_label": model.label_names[model.positive], "threshold": model.threshold,
-                "rule": model.rule[0], "target": model.rule[1], "temperature": model.temperature,
-                **{split: model.operating[split] for split in ("val", "test", NATURAL) if split in model.operating},
-            }
-        if cfg.train and model.hparams.decision and trainer.is_global_zero:
-            for path in {best, str(output_dir / "checkpoints" / "last.ckpt")}:
-                store_decision(path, model.hparams.decision)
-    timings["prefix_cache_s"] = _cache_seconds(model)
+    timings["prefix_cache_s"] = model.caches.build_seconds
     timings["total_s"] = time.perf_counter() - start
     summary = {
         "objective": {"name": cfg.optimized_metric, "value": objective},
@@ -130,15 +112,38 @@ def run(cfg: DictConfig) -> dict:
         "timings": timings,
     }
     if trainer.is_global_zero:
-        write_json_atomic(output_dir / METRICS_FILE, summary)
+        write_json(output_dir / METRICS_FILE, summary)
         log.info("metrics: %s", json.dumps({k: summary[k] for k in ("objective", *metrics)}))
     return summary
 
 
+def _model(cfg: DictConfig, label_names: list[str], ckpt_path: str | None) -> SpamClassifier:
+    """The model to train (from the config), or to evaluate again (train=false: from ckpt_path)."""
+    if cfg.train:
+        return build("model", cfg.model, label_names=label_names)
+    if ckpt_path is None:
+        raise SpamclfError("train=false needs ckpt_path=PATH (the checkpoint to evaluate)")
+    return SpamClassifier.from_checkpoint(ckpt_path)
+
+
+def _test_once(trainer: L.Trainer, model: SpamClassifier, datamodule, ckpt_path: str | None) -> dict:
+    """The best checkpoint (chosen on validation), once, on every split, with the decision chosen for it there."""
+    datamodule.test_splits = (*SPLITS, NATURAL)
+    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = _split_metrics(trainer.callback_metrics)
+    metrics["operating_point"] = {
+        **{k: v for k, v in model.decision.as_dict().items() if k not in ("label_names", "measured")},
+        **{split: _drawn_only(model.evaluated[split].point) for split in ("val", "test", NATURAL) if split in model.evaluated},
+    }
+    return metrics
+
+
 def _ddp_ranks_join_this_job() -> None:
     """In a multirun job, Lightning's DDP launcher restarts `sys.argv` for the other ranks with
-    `hydra.run.dir=<hydra.run.dir>`: the whole sweep again, into new folders (Lightning #11300, Hydra #2070).
-    Make that restart a single run of this job's overrides, in this job's folder."""
+    `hydra.run.dir=<hydra.run.dir>` (Lightning 2.6.6, private `_hydra_subprocess_cmd`): the whole sweep again, into
+    new folders (Lightning-AI/pytorch-lightning#11300, facebookresearch/hydra#2070; written against Hydra 1.3.8).
+    Make that restart a single run of this job's overrides, in this job's folder. tests/test_upstream.py fails loudly
+    when Lightning builds that command differently."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import read_write
@@ -151,11 +156,6 @@ def _ddp_ranks_join_this_job() -> None:
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
-
-
-def _cache_seconds(model) -> float:
-    """Seconds spent building the prefix caches so far (all splits)."""
-    return sum(c.build_seconds for c in getattr(model, "caches", {}).values() if c is not None)
 
 
 def _objective(trainer: L.Trainer, name: str) -> float | None:
@@ -177,21 +177,9 @@ def _split_metrics(callback_metrics: dict) -> dict:
     return {split: out[split] for split in (*SPLITS, NATURAL) if split in out}
 
 
-def store_decision(path: str, decision: dict) -> None:
-    """Write the operating point chosen after training into a checkpoint, so prediction uses it."""
-    if not path or not Path(path).is_file():
-        return
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoint.setdefault("hyper_parameters", {})["decision"] = dict(decision)
-    tmp = Path(path).with_suffix(".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+def _drawn_only(point: dict) -> dict:
+    """An operating point for metrics.json: the ROC curve's points are drawn in plots/, not listed."""
+    return {k: v for k, v in point.items() if k != "roc"}
 
 
 def _discard_incomplete(output_dir: Path) -> None:

@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
 from spamclf.errors import DataError, SpamclfError
-from spamclf.hardware import PREDICT_PRECISIONS, cpu_bf16_summary, inference_precision
+from spamclf.io import atomic_file
+from spamclf.precision import CHOICES
 from spamclf.progress import progress_bar
 
 csv.field_size_limit(2**31 - 1)
@@ -72,13 +71,13 @@ def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def predict_stream(model, texts: Iterable[str], out, batch_tokens: int = 2048, chunk_size: int = 4096,
-                   precision: str = "auto", advance: Callable[[int], None] | None = None) -> int:
+def predict_stream(classifier, texts: Iterable[str], out, batch_tokens: int = 2048, chunk_size: int = 4096,
+                   advance: Callable[[int], None] | None = None) -> int:
     """Write one JSON line per text to `out`; returns how many. `advance(n)`: n more messages done."""
     count = 0
     for chunk in chunks(texts, chunk_size):
-        for result in model.predict_texts(chunk, batch_tokens=batch_tokens, precision=precision, progress=advance):
-            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+        for result in classifier.predict(chunk, batch_tokens=batch_tokens, progress=advance):
+            out.write(json.dumps(result.as_dict(), ensure_ascii=False) + "\n")
         if advance is not None:  # repeated texts in the chunk were classified once, counted here
             advance(len(chunk) - len(set(chunk)))
         count += len(chunk)
@@ -96,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoding", default="utf-8")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per batch (short messages go many to a batch)")
     parser.add_argument("--chunk-size", type=int, default=4096, help="messages read from --input at a time")
-    parser.add_argument("--precision", choices=PREDICT_PRECISIONS, default="auto",
+    parser.add_argument("--precision", choices=CHOICES, default="auto",
                         help="auto: bf16 where the CPU (AMX, AVX512-BF16) or GPU runs it natively, else fp32 (fp16 on GPUs without bf16)")
     parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="the same as --precision bf16")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     args = parser.parse_args(argv)
     try:
-        from spamclf.module import load_classifier
+        from spamclf.inference import Classifier
 
         target = None if args.output is None else Path(args.output)
         if target is not None and not target.parent.is_dir():
@@ -113,22 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         else:  # one cheap pass first: the bar's total, and a bad file fails before the model loads
             total = sum(1 for _ in iter_texts(args.input, args.text_column, args.encoding))
             texts = iter_texts(args.input, args.text_column, args.encoding)
-        model = load_classifier(args.ckpt, map_location=args.device)
-        used = inference_precision(args.precision, model.device)
-        why = cpu_bf16_summary() if model.device.type == "cpu" else str(model.device)
-        print(f"precision {args.precision} -> {used}: {why}", file=sys.stderr)
+        classifier = Classifier.load(args.ckpt, device=args.device, precision=args.precision)
+        precision = classifier.precision
+        print(f"precision {precision.requested} -> {precision.name}: {precision.reason}", file=sys.stderr)
         with progress_bar("classifying", total, enabled=not args.no_progress and args.input is not None) as advance:
             if target is None:
-                predict_stream(model, texts, sys.stdout, args.batch_tokens, args.chunk_size, args.precision, advance)
+                predict_stream(classifier, texts, sys.stdout, args.batch_tokens, args.chunk_size, advance)
                 return 0
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as out:
-                    count = predict_stream(model, texts, out, args.batch_tokens, args.chunk_size, args.precision, advance)
-                os.replace(tmp, target)  # a failed run never leaves a half-written output file
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            with atomic_file(target) as out:  # a failed run never leaves a half-written output file
+                count = predict_stream(classifier, texts, out, args.batch_tokens, args.chunk_size, advance)
         print(f"wrote {count} predictions to {target}", file=sys.stderr)
         return 0
     except SpamclfError as e:

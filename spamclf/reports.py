@@ -12,10 +12,9 @@ import matplotlib
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torchmetrics.functional.classification import binary_roc
 
-from spamclf.data import NATURAL
-from spamclf.decision import decide, probabilities, reliability
+from spamclf.evaluation import reliability
+from spamclf.splits import NATURAL
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -62,20 +61,17 @@ class RunReport(L.Callback):
 
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        outputs = getattr(pl_module, "test_outputs", {})
-        if "test" not in outputs:
+        evaluated = {split: e for split, e in getattr(pl_module, "evaluated", {}).items() if split in ("test", NATURAL)}
+        if "test" not in evaluated:
             return
-        names = list(pl_module.label_names)
-        evaluated = {split: (probabilities(torch.cat(o["logits"]), pl_module.temperature), torch.cat(o["labels"]))
-                     for split, o in outputs.items() if split in ("test", NATURAL)}
-        probs, labels = evaluated["test"]
-        k = len(names)
-        predicted = decide(probs, pl_module.positive if k == 2 else None, pl_module.threshold)
-        confusion = torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
-        figures = {"test/confusion_matrix": (confusion_figure(confusion, names), "confusion_matrix.png"),
+        decision = pl_module.decision
+        names = list(decision.label_names)
+        probs, labels = evaluated["test"].probs, evaluated["test"].labels
+        figures = {"test/confusion_matrix": (confusion_figure(torch.tensor(evaluated["test"].point["confusion"]), names),
+                                             "confusion_matrix.png"),
                    "test/reliability_diagram": (reliability_figure(evaluated), "reliability.png")}
-        if k == 2:
-            figures["test/roc_curve"] = (roc_figure(evaluated, pl_module.positive, pl_module.threshold, names), "roc_curve.png")
+        if len(names) == 2:
+            figures["test/roc_curve"] = (roc_figure(evaluated, decision), "roc_curve.png")
         self.plots_dir.mkdir(parents=True, exist_ok=True)
         for fig, filename in figures.values():
             fig.savefig(self.plots_dir / filename, dpi=120)
@@ -97,9 +93,9 @@ def reliability_figure(evaluated: dict):
     """Accuracy against confidence per bin, for each evaluated split: on the diagonal means calibrated."""
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
-    for split, (probs, labels) in evaluated.items():
-        bins = reliability(probs, labels)
-        ax.plot([b[0] for b in bins], [b[1] for b in bins], "o-", label=f"{split} ({len(labels)})")
+    for split, e in evaluated.items():
+        bins = reliability(e.probs, e.labels)
+        ax.plot([b[0] for b in bins], [b[1] for b in bins], "o-", label=f"{split} ({len(e.labels)})")
     ax.set_xlabel("Confidence (predicted class)")
     ax.set_ylabel("Accuracy")
     ax.set_title("Reliability diagram")
@@ -108,22 +104,18 @@ def reliability_figure(evaluated: dict):
     return fig
 
 
-def roc_figure(evaluated: dict, positive: int, threshold: float, names: list[str]):
-    """ROC curve of the positive class per evaluated split, with the operating threshold marked."""
+def roc_figure(evaluated: dict, decision):
+    """ROC curve of the positive class per evaluated split, with the operating point marked."""
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    for split, (probs, labels) in evaluated.items():
-        is_pos = (labels == positive).long()
-        if is_pos.min() == is_pos.max():
+    for split, e in evaluated.items():
+        point = e.point
+        if "roc" not in point:  # one class only: no curve
             continue
-        fpr, tpr, _ = binary_roc(probs[:, positive], is_pos)
-        flagged = probs[:, positive] >= threshold
-        point_fpr = float(flagged[is_pos == 0].float().mean())
-        point_tpr = float(flagged[is_pos == 1].float().mean())
-        (line,) = ax.plot(fpr.numpy(), tpr.numpy(), label=f"{split}")
-        ax.plot([point_fpr], [point_tpr], "o", color=line.get_color())
-    ax.set_xlabel(f"False-positive rate ({names[1 - positive]} flagged)")
-    ax.set_ylabel(f"Recall ({names[positive]})")
-    ax.set_title(f"ROC, threshold {threshold:.3g} marked")
+        (line,) = ax.plot(point["roc"]["fpr"], point["roc"]["tpr"], label=f"{split}")
+        ax.plot([point["fpr"]], [point["recall"]], "o", color=line.get_color())
+    ax.set_xlabel(f"False-positive rate ({decision.label_names[1 - decision.positive]} flagged)")
+    ax.set_ylabel(f"Recall ({decision.positive_label})")
+    ax.set_title(f"ROC, threshold {decision.threshold:.3g} marked")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

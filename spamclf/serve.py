@@ -6,7 +6,7 @@
 `POST /predict` takes {"text": "..."} or {"texts": ["...", ...]} and answers with the objects that
 `spamclf.predict` writes, in order ({"predictions": [...]} for "texts"). Requests that arrive together
 (up to --max-batch-size, waiting at most --batch-timeout seconds) are classified in one call of
-`SpamClassifier.predict_texts`, the same packed path as the CLI, at the precision `auto` picks for the
+`Classifier.predict`, the same packed path as the CLI, at the precision `auto` picks for the
 hardware. `GET /health` is 200 once the model is loaded; `GET /info` describes the model.
 
 Requests are checked before they reach the model (FastAPI + pydantic): a body that is not JSON, without
@@ -15,24 +15,23 @@ problem; a body over --max-body-bytes is a 413. The server goes on serving.
 """
 
 import argparse
-import hashlib
-import os
 import signal
 import sys
-from pathlib import Path
+from typing import ClassVar
 
 import litserve as ls
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from spamclf.errors import CheckpointError, SpamclfError
-
-MAX_TEXTS_ENV = "SPAMCLF_SERVE_MAX_TEXTS"  # read by the request model in the API server's process
+from spamclf.errors import SpamclfError
+from spamclf.precision import CHOICES
 
 
 class PredictRequest(BaseModel):
     """One text, or a list of texts."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    # Set by `build_server` before the server starts; LitServe forks its API servers, which keep it.
+    max_texts: ClassVar[int] = 256
     text: str | None = Field(default=None, description="a message to classify")
     texts: list[str] | None = Field(default=None, min_length=1, description="messages to classify, answered in order")
 
@@ -40,7 +39,7 @@ class PredictRequest(BaseModel):
     def one_of_text_or_texts(self):
         if (self.text is None) == (self.texts is None):
             raise ValueError('give exactly one of "text" (a string) or "texts" (a non-empty list of strings)')
-        limit = int(os.environ.get(MAX_TEXTS_ENV, "256"))
+        limit = type(self).max_texts
         if self.texts is not None and len(self.texts) > limit:
             raise ValueError(f'"texts" holds {len(self.texts)} texts, more than the server takes in one request ({limit}); '
                              f"send several requests")
@@ -48,17 +47,17 @@ class PredictRequest(BaseModel):
 
 
 class SpamClassifierAPI(ls.LitAPI):
-    """LitServe's view of a checkpoint: decode → batch → `predict_texts` → unbatch → encode."""
+    """LitServe's view of a checkpoint: decode → batch → `Classifier.predict` → unbatch → encode."""
 
     def __init__(self, ckpt: str, precision: str = "auto", batch_tokens: int = 2048, **kwargs):
         super().__init__(**kwargs)
         self.ckpt, self.precision, self.batch_tokens = ckpt, precision, batch_tokens
 
     def setup(self, device):
-        from spamclf.module import load_classifier
+        from spamclf.inference import Classifier
 
-        self.model = load_classifier(self.ckpt, map_location=device)
-        self.model.predict_texts(["warm-up"], precision=self.precision, keep_kernels=True)  # kernels built off the clock
+        self.model = Classifier.load(self.ckpt, device=device, precision=self.precision)
+        self.model.predict(["warm-up"])  # kernels built off the clock
 
     def decode_request(self, request: PredictRequest) -> tuple[list[str], bool]:
         return ([request.text], False) if request.text is not None else (list(request.texts), True)
@@ -68,8 +67,7 @@ class SpamClassifierAPI(ls.LitAPI):
 
     def predict(self, inputs):
         texts = [t for batch_texts, _ in inputs for t in batch_texts]
-        results = iter(self.model.predict_texts(texts, batch_tokens=self.batch_tokens, precision=self.precision,
-                                                keep_kernels=True))
+        results = iter(p.as_dict() for p in self.model.predict(texts, batch_tokens=self.batch_tokens))
         return [([next(results) for _ in batch_texts], many) for batch_texts, many in inputs]
 
     def unbatch(self, output):
@@ -80,34 +78,14 @@ class SpamClassifierAPI(ls.LitAPI):
         return {"predictions": results} if many else results[0]
 
 
-def checkpoint_info(ckpt: str, precision: str, device: str) -> dict:
-    """What /info says: the model, label names, padding rule, decision, precision and the file's sha256."""
-    import torch
-
-    from spamclf.hardware import inference_precision
-
-    try:
-        hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
-    except Exception as e:  # noqa: BLE001 - whatever is wrong inside the file, the fix is the same
-        raise CheckpointError(f"{ckpt}: not a readable spamclf checkpoint ({type(e).__name__}); pass a .ckpt written by train.py") from None
-    digest = hashlib.sha256()
-    with open(ckpt, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    tokenization = hparams.get("tokenization") or {}
-    return {
-        "checkpoint": str(Path(ckpt).resolve()), "sha256": digest.hexdigest(),
-        "model_name": hparams.get("model_name"), "weights": hparams.get("weights"), "pooling": hparams.get("pooling"),
-        "label_names": list(hparams.get("label_names", [])),
-        "padding": {k: tokenization.get(k) for k in ("padding", "pad_length", "context_length")},
-        "decision": hparams.get("decision") or {"threshold": hparams.get("threshold")},
-        "precision": {"requested": precision, "used": inference_precision(precision, torch.device(device))},
-    }
-
-
 def build_server(ckpt: str, precision: str = "auto", max_batch_size: int = 32, batch_timeout: float = 0.01,
-                 max_body_bytes: int = 1 << 20, batch_tokens: int = 2048, device: str = "cpu", timeout: float = 30):
-    info = checkpoint_info(ckpt, precision, device)
+                 max_body_bytes: int = 1 << 20, batch_tokens: int = 2048, device: str = "cpu", timeout: float = 30,
+                 max_texts: int = 256):
+    from spamclf.inference import Classifier
+
+    # Read once here for /info (a bad file fails here, in one line); the inference worker loads its own copy.
+    info = Classifier.load(ckpt, device=device, precision=precision).info()
+    PredictRequest.max_texts = max_texts
     api = SpamClassifierAPI(ckpt, precision, batch_tokens, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     accelerator = "cuda" if device.startswith("cuda") else device
     return ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=timeout,
@@ -124,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-texts", type=int, default=256, help='most texts in one request\'s "texts"')
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per model batch (as spamclf.predict)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    parser.add_argument("--precision", choices=CHOICES, default="auto")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     args = parser.parse_args(argv)
     for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-texts", args.max_texts),
@@ -134,22 +112,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_timeout < 0:
         parser.error("--batch-timeout must be 0 or more")
     try:
-        if not Path(args.ckpt).is_file():
-            raise CheckpointError(f"{args.ckpt}: checkpoint not found; pass the .ckpt a training run wrote (its checkpoints/ folder)")
-        os.environ[MAX_TEXTS_ENV] = str(args.max_texts)
         server = build_server(args.ckpt, args.precision, args.max_batch_size, args.batch_timeout, args.max_body_bytes,
-                              args.batch_tokens, args.device)
+                              args.batch_tokens, args.device, max_texts=args.max_texts)
     except SpamclfError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # SIGTERM (a service manager, `kill`) shuts down like Ctrl+C: workers stopped, nothing left running.
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     server.run(host=args.host, port=args.port, generate_client_file=False)
     return 0
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def stop_on_sigterm() -> None:
+    """SIGTERM (a service manager, `kill`, a container stop) shuts the server down as Ctrl+C does. LitServe 0.2.19's
+    `LitServer.run` documents SIGTERM as a graceful shutdown, but its main process stops its spawned inference
+    workers only on KeyboardInterrupt (its `except KeyboardInterrupt` around `_shutdown_event.wait()`); without
+    this, SIGTERM left them running. tests/test_serve.py checks that no process outlives a SIGTERM."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,9 @@ def encode_texts(texts: list[str]) -> list[list[int]]:
     message has at least one position to classify."""
     ids = gpt2_encoding().encode_ordinary_batch(list(texts))
     return [row if row else [PAD_ID] for row in ids]
+
+
+def encode_truncated(texts: list[str], width: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids cut to `width` (keeping the beginning, as training does), and whether each text was cut."""
+    ids = encode_texts(texts)
+    return [row[:width] for row in ids], [len(row) > width for row in ids]

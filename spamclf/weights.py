@@ -4,13 +4,12 @@ and folders, and the one table that maps Hugging Face's key names to ours.
     from spamclf.weights import load_pretrained
     model = load_pretrained("gpt2-small")     # or a hub id, a .safetensors file, a folder
 
-`GPT2.from_pretrained` calls `load_pretrained`; everything that touches files or the network lives here,
+Everything that touches files or the network lives here,
 so `gpt2.py` stays plain PyTorch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ import torch
 
 from spamclf.errors import CheckpointError, InvalidOption, SpamclfError, WeightsUnavailable
 from spamclf.gpt2 import GPT2, PRESETS, GPTConfig
+from spamclf.io import file_sha256
 
 HUB_IDS = {
     "gpt2-small": "openai-community/gpt2",
@@ -205,15 +205,3 @@ def _reachable(endpoint: str) -> bool:
         return True
     except OSError:
         return False
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a weights file; free for hub downloads, whose cache names blobs by it."""
-    real = Path(os.path.realpath(path))
-    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
-        return real.name
-    digest = hashlib.sha256()
-    with open(real, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def sms_module():
     """The book's default split, built once (reading and tokenizing the file takes ~1 s)."""
-    from spamclf.data import SpamDataModule
+    from spamclf.datamodule import SpamDataModule
 
     dm = SpamDataModule()
     dm.setup()

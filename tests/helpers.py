@@ -89,3 +89,11 @@ class SigtermAt:
                     os.kill(os.getpid(), signal.SIGTERM)
 
         return _SigtermAt()
+
+
+def classifier_of(module, tokenization: dict, precision: str = "fp32"):
+    """The inference object for an in-memory SpamClassifier (what Classifier.load builds from its checkpoint)."""
+    from spamclf.inference import Classifier
+    from spamclf.precision import resolve
+
+    return Classifier(module.model, module.readout, module.decision, tokenization, resolve(precision), torch.device("cpu"))

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from spamclf.data import SpamDataModule
+from spamclf.datamodule import SpamDataModule
 from spamclf.gpt2 import PRESETS
 from spamclf.pipeline import main, run
 
@@ -35,7 +35,7 @@ def test_every_model_size_and_trainer_preset_composes(tmp_path):
             assert cfg.model._target_ == "spamclf.module.SpamClassifier" and cfg.model.model_name in PRESETS
             assert cfg.model.weights == ("random" if model == "gpt2-tiny" else "pretrained")
             assert cfg.trainer._target_ == "lightning.pytorch.trainer.Trainer"
-            assert cfg.data._target_ == "spamclf.data.SpamDataModule"
+            assert cfg.data._target_ == "spamclf.datamodule.SpamDataModule"
             assert cfg.model.label_names == cfg.data.labels  # interpolated from the data config
     cfg = compose_cfg(["trainer=ddp_sim"], tmp_path)
     assert cfg.trainer.devices == 2 and cfg.trainer.strategy.process_group_backend == "gloo"
@@ -100,20 +100,20 @@ def test_smoke_run_writes_a_complete_run_folder(tmp_path):
 
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
     tags = events.Tags()
-    assert {"train/loss_step", "val/acc", "val/f1", "test/acc", "lr-AdamW"} <= set(tags["scalars"])
+    assert {"train/loss_step", "val/acc", "val/f1_macro", "test/acc", "test/fpr", "test/f1", "lr-AdamW"} <= set(tags["scalars"])
     assert "test/confusion_matrix" in tags["images"]
     assert any(t.startswith("test/pr_curve/spam") for t in tags["tensors"])
 
 
 @pytest.mark.hardware
 def test_fast_experiment_chooses_its_precision_and_says_so(tmp_path, caplog_info):
-    from spamclf.hardware import resolve_precision
+    from spamclf.precision import resolve
 
-    expected = resolve_precision("auto", "cpu")
+    expected = resolve("auto", "cpu")
     summary = run(compose_cfg(["experiment=fast", *TINY, "trainer.limit_train_batches=20"], tmp_path))
-    assert summary["precision"] == {"requested": "auto", "used": expected.used, "reason": expected.reason}
-    assert json.loads((tmp_path / "metrics.json").read_text())["precision"]["used"] == expected.used
-    assert any(f"precision auto -> {expected.used}" in r.getMessage() for r in caplog_info.records)
+    assert summary["precision"] == {"requested": "auto", "used": expected.lightning, "reason": expected.reason}
+    assert json.loads((tmp_path / "metrics.json").read_text())["precision"]["used"] == expected.lightning
+    assert any(f"precision auto -> {expected.lightning}" in r.getMessage() for r in caplog_info.records)
     assert summary["val"]["acc"] > 0.5
 
 
@@ -241,9 +241,9 @@ def test_predict_cli_round_trip(trained_ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(trained_ckpt), "--text", messages[0],
                            "--precision", "fp32"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert json.loads(proc.stdout)["probability"] == pytest.approx(rows[0]["probability"], abs=1e-6)
-    from spamclf.hardware import resolve_precision
+    from spamclf.precision import resolve
 
-    auto = {"bf16-mixed": "bf16", "32-true": "fp32"}[resolve_precision("auto", "cpu").used]
+    auto = resolve("auto", "cpu").name
     proc = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(trained_ckpt), "--text", messages[0]],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and f"precision auto -> {auto}" in proc.stderr
@@ -255,12 +255,12 @@ def test_predict_cli_round_trip(trained_ckpt, tmp_path):
 
 @pytest.mark.hardware
 def test_a_message_gets_the_same_probability_alone_or_with_long_ones(trained_ckpt):
-    from spamclf.module import load_classifier
+    from spamclf.inference import Classifier
 
-    model = load_classifier(trained_ckpt)
+    model = Classifier.load(trained_ckpt, precision="fp32")
     text = "Free entry in 2 a wkly comp to win FA Cup final tkts"
-    alone = model.predict_texts([text], precision="fp32")[0]["probability"]
-    crowd = model.predict_texts(["a much longer message " * 20, text, "hi"], precision="fp32")[1]["probability"]
+    alone = model.predict([text])[0].probability
+    crowd = model.predict(["a much longer message " * 20, text, "hi"])[1].probability
     assert crowd == pytest.approx(alone, abs=1e-6)
 
 
@@ -281,9 +281,9 @@ def test_benchmark_runs_in_tiny_mode():
     lines = proc.stdout.splitlines()
     assert any(line.startswith("fast ") for line in lines) and any(line.startswith("ch06 ") for line in lines)
     assert "fast vs ch06:" in proc.stdout and "300 lines in" in proc.stdout
-    from spamclf.hardware import resolve_precision
+    from spamclf.precision import resolve
 
-    auto = resolve_precision("auto", "cpu").used
+    auto = resolve("auto", "cpu").lightning
     assert f"precision auto -> {auto}" in proc.stdout and "GFLOP/s" in proc.stdout.split("CPU:")[1].splitlines()[0]
     fast = next(line for line in lines if line.startswith("fast "))
     assert fast.split()[1] == auto and next(line for line in lines if line.startswith("ch06 ")).split()[1] == "32-true"

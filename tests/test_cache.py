@@ -2,7 +2,7 @@ import lightning as L
 import pytest
 import torch
 
-from spamclf.data import SpamDataModule
+from spamclf.datamodule import SpamDataModule
 from spamclf.module import SpamClassifier
 
 pytestmark = pytest.mark.hardware  # the cache build is where the oneDNN kernels run
@@ -26,8 +26,8 @@ def _run(data_kwargs, model_kwargs, prefix_cache, max_memory_mb=4096, precision=
                         enable_model_summary=False, enable_checkpointing=False, callbacks=[record], num_sanity_val_steps=0,
                         precision=precision)
     trainer.fit(clf, datamodule=dm)
-    used = {split for split, cache in clf.caches.items() if cache is not None}
-    spilled = [c.path for c in clf.caches.values() if c is not None and c.path]
+    used = {split for split, cache in clf.caches.caches.items() if cache is not None}
+    spilled = [c.path for c in clf.caches.caches.values() if c is not None and c.path]
     return record.losses, float(trainer.callback_metrics["val/acc"]), float(trainer.callback_metrics["val/loss"]), used, spilled
 
 
@@ -82,9 +82,7 @@ def test_cache_spills_to_a_file_above_its_memory_limit():
 def test_cache_turns_itself_off_where_it_would_not_be_exact(model_kwargs, reason):
     kwargs = {"trainable_layers": "last_block", **model_kwargs}
     clf = SpamClassifier("gpt2-tiny", weights="random", **kwargs)
-    clf.hparams.tokenization = {"pad_length": None}
-    depth, why = clf.cache_plan()
+    depth, why = clf.caches.plan(clf.model, clf.readout, clf.hparams.drop_rate, pad_length=None)
     assert why is not None and reason in why
     ok = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="last_block")
-    ok.hparams.tokenization = {"pad_length": 120}
-    assert ok.cache_plan() == (1, None)
+    assert ok.caches.plan(ok.model, ok.readout, ok.hparams.drop_rate, pad_length=120) == (1, None)

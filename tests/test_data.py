@@ -10,16 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from spamclf.data import (
-    SMS_FILE,
-    SPLIT_FILES,
-    SPLITS,
-    LengthBucketBatchSampler,
-    SpamDataModule,
-    download_sms,
-    read_labelled_file,
-)
+from spamclf.datamodule import SpamDataModule
 from spamclf.errors import DataError, InvalidOption, SpamclfError
+from spamclf.loaders import LengthBucketBatchSampler
+from spamclf.reading import SMS_FILE, download_sms, read_labelled_file
+from spamclf.splits import SPLIT_FILES, SPLITS
 from spamclf.tokenizer import (
     ENCODER_JSON_SHA256,
     PAD_ID,

@@ -6,18 +6,15 @@ import json
 import pytest
 import torch
 
-from spamclf.data import NATURAL, SpamDataModule, read_labelled_file
-from spamclf.decision import (
-    choose_threshold,
-    decide,
-    fit_temperature,
-    operating_point,
-    positive_index,
-    threshold_rule,
-)
+from spamclf.datamodule import SpamDataModule
+from spamclf.decision import Decision, load_decision, positive_index, threshold_rule
 from spamclf.errors import DataError, InvalidOption, SpamclfError
-from spamclf.module import SpamClassifier, load_classifier
+from spamclf.evaluation import choose_threshold, decide, fit_temperature, operating_point
+from spamclf.inference import Classifier, read_checkpoint
+from spamclf.module import SpamClassifier
 from spamclf.pipeline import run
+from spamclf.reading import read_labelled_file
+from spamclf.splits import NATURAL
 from tests.test_app import TINY, compose_cfg
 
 
@@ -73,15 +70,18 @@ def test_chosen_thresholds_are_the_best_that_meet_their_target(seed):
 def test_operating_point_counts():
     probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.7, 0.3], [0.1, 0.9], [0.35, 0.65]])
     labels = torch.tensor([0, 0, 1, 1, 1, 0])  # ham, ham, spam, spam, spam, ham
-    at_half = operating_point(probs, labels, ["ham", "spam"], 1, 0.5, prevalence=0.1)
+    spam = Decision(("ham", "spam"), positive=1)
+    at_half = operating_point(probs, labels, spam, prevalence=0.1)
     assert at_half["false_positives"] == "2 of 3 ham" and at_half["fpr"] == pytest.approx(2 / 3)
     assert at_half["recall"] == pytest.approx(2 / 3) and at_half["precision"] == pytest.approx(0.5)
     hits, alarms = (2 / 3) * 0.1, (2 / 3) * 0.9
     assert at_half["precision_at_prevalence"] == pytest.approx(hits / (hits + alarms))
-    strict = operating_point(probs, labels, ["ham", "spam"], 1, 0.7)
+    assert at_half["confusion"] == [[1, 2], [1, 2]]
+    strict = operating_point(probs, labels, spam.chosen(0.7, 1.0))
     assert strict["false_positives"] == "0 of 3 ham" and strict["recall"] == pytest.approx(2 / 3)
-    assert decide(probs, 1, 0.7).tolist() == [0, 0, 1, 0, 1, 0]
-    three = operating_point(torch.eye(3)[[0, 1, 2, 2]], torch.tensor([0, 1, 2, 1]), ["a", "b", "c"], 2, 0.5)
+    assert decide(probs, spam.chosen(0.7, 1.0)).tolist() == [0, 0, 1, 0, 1, 0]
+    assert [spam.chosen(0.7, 1.0).label(p) for p in probs.tolist()] == [0, 0, 1, 0, 1, 0]  # one message at a time, alike
+    three = operating_point(torch.eye(3)[[0, 1, 2, 2]], torch.tensor([0, 1, 2, 1]), Decision(("a", "b", "c"), positive=2))
     assert three["per_class"]["b"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
 
 
@@ -166,11 +166,13 @@ def test_a_run_chooses_its_threshold_on_validation_and_prediction_uses_it(tmp_pa
     assert {"test/reliability_diagram", "test/roc_curve"} <= set(events.Tags()["images"])
     assert {"test/fpr", "natural/fpr", "test/ece"} <= set(events.Tags()["scalars"])
 
-    for ckpt in (summary["best_checkpoint"], tmp_path / "checkpoints" / "last.ckpt"):
-        model = load_classifier(ckpt)
-        assert model.threshold == pytest.approx(point["threshold"]) and model.temperature == pytest.approx(point["temperature"])
+    model = Classifier.load(summary["best_checkpoint"], precision="fp32")
+    assert model.decision.threshold == pytest.approx(point["threshold"])
+    assert model.decision.temperature == pytest.approx(point["temperature"])
+    assert model.decision.measured["split"] == "validation" and model.decision.measured["fpr"] <= 0.01
+    last = load_decision(read_checkpoint(tmp_path / "checkpoints" / "last.ckpt"))  # its own epoch's choice, same rule
+    assert last.rule == "max_fpr" and last.measured["fpr"] <= 0.01 and last.temperature > 0
     texts = ["WINNER!! Claim your prize now, call 09061701461", "are we still on for lunch?", "Free entry in 2 a wkly comp",
              "Txt STOP to end", "Ok lar... Joking wif u oni..."]
-    results = model.predict_texts(texts, precision="fp32")
-    for r in results:
-        assert (r["label"] == "spam") == (r["probabilities"]["spam"] >= model.threshold)
+    for r in model.predict(texts):
+        assert (r.label == "spam") == (r.probabilities["spam"] >= model.decision.threshold)

@@ -1,6 +1,7 @@
 """Exports: a Hugging Face folder that transformers loads as it is, and an ONNX file for ONNX Runtime."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from spamclf.module import load_classifier
+from spamclf.inference import Classifier
 from spamclf.pipeline import run
 from spamclf.tokenizer import encode_texts
 from tests.test_app import TINY, compose_cfg
@@ -47,11 +48,11 @@ def test_hf_folder_loads_in_transformers_with_our_logits_and_labels(ckpt, sms_te
 
     proc = _export(ckpt, tmp_path / "hf", "hf")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    clf = load_classifier(ckpt).eval()
-    assert clf.temperature != 1.0  # calibrated: the temperature is folded into the exported head
+    clf = Classifier.load(ckpt, precision="fp32")
+    assert clf.decision.temperature != 1.0  # calibrated: the temperature is folded into the exported head
     x, lengths = _padded(sms_texts)
     with torch.no_grad():
-        ours = clf(x, lengths) / clf.temperature
+        ours = clf.logits(x, lengths) / clf.decision.temperature
         model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
         theirs = model(input_ids=x, attention_mask=(torch.arange(x.shape[1])[None] < lengths[:, None]).long()).logits
     assert (ours - theirs).abs().max() < 1e-4
@@ -59,9 +60,11 @@ def test_hf_folder_loads_in_transformers_with_our_logits_and_labels(ckpt, sms_te
     assert config["id2label"] == {"0": "ham", "1": "spam"} and config["pad_token_id"] == 50256
     classify = pipeline("text-classification", model=str(tmp_path / "hf"))
     texts = [t for t in sms_texts if t]  # transformers' tokenizer gives an empty message no token at all
-    expected = clf.predict_texts(texts, precision="fp32")
+    expected = clf.predict(texts)
     for got, want in zip(classify(texts), expected):
-        assert got["label"] == want["label"] and got["score"] == pytest.approx(want["probability"], abs=1e-4)
+        assert got["label"] == want.label and got["score"] == pytest.approx(want.probability, abs=1e-4)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "hf").iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~_umask())}, modes  # every file readable as the umask allows
 
 
 def test_onnx_runs_in_onnxruntime_with_our_logits(ckpt, sms_texts, tmp_path):
@@ -74,12 +77,12 @@ def test_onnx_runs_in_onnxruntime_with_our_logits(ckpt, sms_texts, tmp_path):
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(meta["label_names"]) == ["ham", "spam"] and meta["positive_label"] == "spam"
     session = onnxruntime.InferenceSession(str(path))
-    clf = load_classifier(ckpt).eval()
+    clf = Classifier.load(ckpt, precision="fp32")
     for texts in (sms_texts, sms_texts[:3]):  # two batch sizes, two widths
         x, lengths = _padded(texts)
         got = session.run(None, {"input_ids": x.numpy(), "lengths": lengths.numpy()})[0]
         with torch.no_grad():
-            want = (clf(x, lengths) / clf.temperature).numpy()
+            want = (clf.logits(x, lengths) / clf.decision.temperature).numpy()
         assert np.abs(got - want).max() < 1e-4
 
 
@@ -93,3 +96,9 @@ def test_export_refuses_what_it_cannot_do_exactly(tmp_path):
     proc = _export(tmp_path / "last" / "checkpoints" / "last.ckpt", tmp_path / "full", "onnx")
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written temporary folders
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

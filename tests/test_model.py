@@ -8,8 +8,9 @@ from safetensors.torch import load_file, save_file
 from spamclf.errors import CheckpointError, InvalidOption, WeightsUnavailable
 from spamclf.gpt2 import GPT2, PRESETS, Packed, preset, real_tokens
 from spamclf.heads import apply_trainable_layers, count_parameters, pool, replace_head
-from spamclf.module import SpamClassifier, load_classifier
-from spamclf.weights import resolve_weights
+from spamclf.inference import Classifier
+from spamclf.module import SpamClassifier
+from spamclf.weights import load_pretrained, resolve_weights
 from tests.helpers import hf_gpt2, populate_hub_cache, save_hub_layout, save_prefixed
 
 TOL = 1e-4
@@ -28,7 +29,7 @@ def test_parity_with_transformers_save_pretrained_layout(tmp_path):
     hf = hf_gpt2()
     folder = save_prefixed(hf, tmp_path / "saved")
     assert any(k.startswith("transformer.") for k in load_file(folder / "model.safetensors"))
-    _logits_match(hf, GPT2.from_pretrained(folder))
+    _logits_match(hf, load_pretrained(folder))
 
 
 def test_parity_with_transformers_hub_layout_through_the_hub_cache(tmp_path, monkeypatch):
@@ -40,17 +41,17 @@ def test_parity_with_transformers_hub_layout_through_the_hub_cache(tmp_path, mon
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     weights, config = resolve_weights("gpt2-small", cache_dir=str(tmp_path / "hub"))  # preset → hub id → cache
     assert weights.name == "model.safetensors" and config.name == "config.json"
-    model = GPT2.from_pretrained("openai-community/gpt2", cache_dir=str(tmp_path / "hub"))
+    model = load_pretrained("openai-community/gpt2", cache_dir=str(tmp_path / "hub"))
     _logits_match(hf, model)
     assert model.source["sha256"] == weights.resolve().name  # the blob's name is its sha256
-    _logits_match(hf, GPT2.from_pretrained(files / "model.safetensors"))  # a bare file, config.json beside it
+    _logits_match(hf, load_pretrained(files / "model.safetensors"))  # a bare file, config.json beside it
 
 
 def test_parity_at_gpt2_small_size(tmp_path):
     hf = hf_gpt2(seed=5, n_embd=768, n_layer=12, n_head=12, n_positions=1024)
     files = save_hub_layout(hf, tmp_path / "small")
     (files / "config.json").unlink()  # no config: the preset is recognised from the tensor shapes
-    model = GPT2.from_pretrained(files / "model.safetensors")
+    model = load_pretrained(files / "model.safetensors")
     assert model.cfg.emb_dim == 768 and model.cfg.n_heads == 12 and model.cfg.n_layers == 12
     _logits_match(hf, model, t=40, batch=2)
     assert model.out_head.weight is model.tok_emb.weight  # tied, as GPT-2
@@ -74,20 +75,20 @@ def _tamper(tmp_path, edit):
 )
 def test_bad_checkpoints_name_the_key(tmp_path, edit, match):
     with pytest.raises(CheckpointError, match=match):
-        GPT2.from_pretrained(_tamper(tmp_path, edit))
+        load_pretrained(_tamper(tmp_path, edit))
 
 
 def test_offline_without_cache_is_one_clear_line(tmp_path):
     with pytest.raises(WeightsUnavailable) as info:
-        GPT2.from_pretrained("gpt2-medium", cache_dir=str(tmp_path))
+        load_pretrained("gpt2-medium", cache_dir=str(tmp_path))
     message = str(info.value)
     assert "\n" not in message and "openai-community/gpt2-medium" in message
     assert "weights_path" in message and "weights=random" in message
     with pytest.raises(CheckpointError, match="weights file not found"):
-        GPT2.from_pretrained(tmp_path / "nope.safetensors")
+        load_pretrained(tmp_path / "nope.safetensors")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         (tmp_path / "bad.safetensors").write_bytes(b"junk")
-        GPT2.from_pretrained(tmp_path / "bad.safetensors")
+        load_pretrained(tmp_path / "bad.safetensors")
 
 
 def test_presets_and_the_books_snippets():
@@ -212,21 +213,21 @@ def test_packed_blocks_compute_what_padded_blocks_compute(causal):
 
 @pytest.mark.hardware
 @pytest.mark.parametrize("pooling, pad_length", [("last_nonpad", None), ("mean", None), ("last", None), ("last", 12)])
-def test_predict_texts_equals_one_message_at_a_time(pooling, pad_length):
+def test_prediction_equals_one_message_at_a_time(pooling, pad_length):
     from spamclf.tokenizer import encode_texts
+    from tests.helpers import classifier_of
 
     torch.manual_seed(0)
     clf = SpamClassifier("gpt2-tiny", weights="random", pooling=pooling).eval()
-    clf.hparams.tokenization = {"pad_length": pad_length, "context_length": 1024}
     texts = ["hi", "Free entry in 2 a wkly comp", "", "ok see you at 5", "hi", "WINNER!! claim your prize now " * 3]
-    results = clf.predict_texts(texts, batch_tokens=32, precision="fp32")
+    results = classifier_of(clf, {"pad_length": pad_length, "context_length": 1024}).predict(texts, batch_tokens=32)
     for text, result in zip(texts, results):
         ids = encode_texts([text])[0][: pad_length or 1024]
         padded = ids + [50256] * ((pad_length or len(ids)) - len(ids))
         with torch.no_grad():
             expected = clf(torch.tensor([padded]), torch.tensor([len(ids)])).softmax(-1)[0]
-        assert result["text"] == text
-        assert result["probabilities"]["spam"] == pytest.approx(float(expected[1]), abs=1e-5)
+        assert result.text == text
+        assert result.probabilities["spam"] == pytest.approx(float(expected[1]), abs=1e-5)
     assert results[0] == results[4]
 
 
@@ -266,11 +267,14 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, sms_module):
     clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="last_block", lr=1e-3)
     trainer = _fit(clf, sms_module, max_steps=3, limit_val_batches=1)
     trainer.save_checkpoint(tmp_path / "c.ckpt")
-    loaded = load_classifier(tmp_path / "c.ckpt")
+    loaded = Classifier.load(tmp_path / "c.ckpt")
     batch = next(iter(sms_module.val_dataloader()))
     with torch.no_grad():
-        assert torch.equal(clf.eval()(batch["input_ids"], batch["lengths"]), loaded(batch["input_ids"], batch["lengths"]))
-    assert loaded.hparams.tokenization["pad_length"] == 120 and loaded.label_names == ["ham", "spam"]
+        assert torch.equal(clf.eval()(batch["input_ids"], batch["lengths"]), loaded.logits(batch["input_ids"], batch["lengths"]))
+    assert loaded.tokenization["pad_length"] == 120 and loaded.label_names == ["ham", "spam"]
+    again = SpamClassifier.from_checkpoint(tmp_path / "c.ckpt").eval()  # the training side reads it too
+    with torch.no_grad():
+        assert torch.equal(again(batch["input_ids"], batch["lengths"]), loaded.logits(batch["input_ids"], batch["lengths"]))
 
 
 def test_pretrained_checkpoints_keep_only_trainable_tensors(tmp_path, sms_module):
@@ -284,22 +288,25 @@ def test_pretrained_checkpoints_keep_only_trainable_tensors(tmp_path, sms_module
     assert saved["base_weights"]["sha256"] == clf.model.source["sha256"]
     trainable_bytes = sum(v.numel() * 4 for v in saved["state_dict"].values())
     assert (tmp_path / "slim.ckpt").stat().st_size < 3 * trainable_bytes + 200_000  # weights + optimizer moments + metadata
-    loaded = load_classifier(tmp_path / "slim.ckpt")
+    loaded = Classifier.load(tmp_path / "slim.ckpt")
     batch = next(iter(sms_module.test_dataloader()))
     with torch.no_grad():
-        assert torch.equal(clf.eval()(batch["input_ids"], batch["lengths"]), loaded(batch["input_ids"], batch["lengths"]))
+        assert torch.equal(clf.eval()(batch["input_ids"], batch["lengths"]), loaded.logits(batch["input_ids"], batch["lengths"]))
     # Different base weights at the same path: refuse, naming the fix.
     save_hub_layout(hf_gpt2(seed=9, n_embd=64, n_layer=4, n_head=4, n_positions=1024), files)
     with pytest.raises(CheckpointError, match="sha256.*weights_path"):
-        load_classifier(tmp_path / "slim.ckpt")
+        Classifier.load(tmp_path / "slim.ckpt")
+    with pytest.raises(CheckpointError, match="sha256.*weights_path"):
+        SpamClassifier.from_checkpoint(tmp_path / "slim.ckpt")
 
 
 def test_bad_checkpoint_files_are_one_line(tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"\x80not a checkpoint")
     for path, match in ((tmp_path / "junk.ckpt", "not a readable spamclf checkpoint"), (tmp_path / "none.ckpt", "not found")):
-        with pytest.raises(CheckpointError, match=match) as info:
-            load_classifier(path)
-        assert "\n" not in str(info.value)
+        for load in (Classifier.load, SpamClassifier.from_checkpoint):
+            with pytest.raises(CheckpointError, match=match) as info:
+                load(path)
+            assert "\n" not in str(info.value)
 
 
 def test_tiny_model_learns_spam_on_cpu(sms_module):

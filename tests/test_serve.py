@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from spamclf.module import load_classifier
+from spamclf.inference import Classifier
 from spamclf.pipeline import run
 from tests.test_app import TINY, compose_cfg
 
@@ -77,8 +77,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(server):
-    model = load_classifier(server[1])
-    return {r["text"]: r for r in model.predict_texts(MESSAGES + ["x " * 3000], precision="fp32")}
+    model = Classifier.load(server[1], precision="fp32")
+    return {r.text: r.as_dict() for r in model.predict(MESSAGES + ["x " * 3000])}
 
 
 def _same(answer, expected):
@@ -86,7 +86,7 @@ def _same(answer, expected):
     assert answer["probability"] == pytest.approx(expected["probability"], abs=1e-5)
 
 
-def test_single_and_batch_requests_answer_as_predict_texts(server, reference):
+def test_single_and_batch_requests_answer_as_the_classifier(server, reference):
     base = server[0]
     for text in MESSAGES:
         status, answer = _request(base + "/predict", {"text": text})
@@ -137,7 +137,10 @@ def test_health_and_info(server):
     model = info["model"]
     assert status == 200 and model["label_names"] == ["ham", "spam"] and model["model_name"] == "gpt2-tiny"
     assert model["padding"]["padding"] == "longest_train" and model["padding"]["pad_length"] == 120
-    assert model["precision"] == {"requested": "fp32", "used": "fp32"}
+    assert model["precision"]["requested"] == "fp32" and model["precision"]["used"] == "fp32"
+    decision = model["decision"]  # the numbers prediction uses, not the configured rule
+    assert decision["threshold"] == 0.5 and decision["rule"] == "fixed" and decision["positive_label"] == "spam"
+    assert decision["temperature"] == 1.0 and decision["measured"]["split"] == "validation"
     assert model["sha256"] == hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""The hardware switch: precision auto, native-bf16 detection and its override, the oneDNN kernels and their
+"""The hardware switch (spamclf.precision, spamclf.kernels): precision auto, native-bf16 detection and its override, the oneDNN kernels and their
 plain fallback, progress bars. `.ci/run` runs this file again with SPAMCLF_NATIVE_BF16=0, so a CPU with
 native bf16 also exercises the path of CPUs without it."""
 
@@ -9,20 +9,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from spamclf import hardware
+from spamclf import precision
 from spamclf.errors import InvalidOption, SpamclfError
-from spamclf.gpt2 import GPT2, FeedForward, preset
-from spamclf.hardware import (
-    NATIVE_BF16_ENV,
-    OneDNNLinear,
-    cpu_native_bf16,
-    inference_dtype,
-    onednn_bf16_inference,
-    onednn_kernels,
-    resolve_precision,
-)
+from spamclf.gpt2 import GPT2, TransformerBlock, preset
+from spamclf.kernels import OneDNNLinear, _onednn_ops, onednn_bf16_inference, onednn_kernels
 from spamclf.module import SpamClassifier
+from spamclf.precision import NATIVE_BF16_ENV, _onednn_bf16_supported, cpu_native_bf16, resolve
 from spamclf.progress import progress_bar
+from tests.helpers import classifier_of
 
 pytestmark = pytest.mark.hardware
 needs_onednn = pytest.mark.skipif(not onednn_kernels(), reason="no native bf16 here (or SPAMCLF_NATIVE_BF16=0): "
@@ -32,13 +26,13 @@ needs_onednn = pytest.mark.skipif(not onednn_kernels(), reason="no native bf16 h
 def test_the_switch_overrides_detection(monkeypatch):
     monkeypatch.setenv(NATIVE_BF16_ENV, "0")
     assert not cpu_native_bf16() and not onednn_kernels()
-    choice = resolve_precision("auto", "cpu")
-    assert choice.used == "32-true" and f"{NATIVE_BF16_ENV}=0" in choice.reason
-    assert inference_dtype("auto", torch.device("cpu")) is None
+    choice = resolve("auto", "cpu")
+    assert choice.lightning == "32-true" and f"{NATIVE_BF16_ENV}=0" in choice.reason
+    assert resolve("auto", torch.device("cpu")).dtype is None and choice.name == "fp32"
     monkeypatch.setenv(NATIVE_BF16_ENV, "1")
-    assert cpu_native_bf16() and resolve_precision("auto", "cpu").used == "bf16-mixed"
-    assert inference_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    assert onednn_kernels() == hardware.cpu().onednn_bf16  # forcing never enables kernels oneDNN lacks
+    assert cpu_native_bf16() and resolve("auto", "cpu").lightning == "bf16-mixed"
+    assert resolve("auto", torch.device("cpu")).dtype == torch.bfloat16
+    assert onednn_kernels() == (precision.cpu().onednn_bf16 and _onednn_ops() is not None)  # forcing never enables kernels oneDNN lacks
     monkeypatch.setenv(NATIVE_BF16_ENV, "maybe")
     with pytest.raises(SpamclfError, match=f"{NATIVE_BF16_ENV}='maybe' is not valid"):
         cpu_native_bf16()
@@ -46,10 +40,10 @@ def test_the_switch_overrides_detection(monkeypatch):
 
 def test_auto_without_the_switch_follows_the_cpu(monkeypatch):
     monkeypatch.delenv(NATIVE_BF16_ENV, raising=False)
-    info = hardware.cpu()
+    info = precision.cpu()
     native = info.bf16_flag is not None and info.onednn_bf16
-    choice = resolve_precision("auto", "cpu")
-    assert choice.used == ("bf16-mixed" if native else "32-true")
+    choice = resolve("auto", "cpu")
+    assert choice.lightning == ("bf16-mixed" if native else "32-true")
     assert info.capability in choice.reason and ("natively" if native else "no native bf16") in choice.reason
 
 
@@ -59,22 +53,36 @@ def test_gpus_get_bf16_or_fp16(monkeypatch):
     for supported, expected in ((True, "bf16-mixed"), (False, "16-mixed")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, s=supported: s)
         for accelerator in ("gpu", "cuda", "auto"):
-            assert resolve_precision("auto", accelerator).used == expected
-        assert inference_dtype("auto", torch.device("cuda")) == (torch.bfloat16 if supported else torch.float16)
-    assert resolve_precision("auto", "mps").used == "32-true"
-    assert resolve_precision("16-mixed", "gpu").used == "16-mixed"  # explicit values pass through
+            assert resolve("auto", accelerator).lightning == expected
+        assert resolve("auto", torch.device("cuda")).dtype == (torch.bfloat16 if supported else torch.float16)
+    assert resolve("auto", "mps").lightning == "32-true"
+    assert resolve("16-mixed", "gpu").lightning == "16-mixed"  # explicit values pass through
+    assert resolve("fp16", "cuda").lightning == "16-mixed" and resolve("fp32", "cpu").lightning == "32-true"
 
 
 def test_explicit_bf16_on_a_cpu_without_it_runs_after_one_warning(monkeypatch, caplog):
     monkeypatch.setenv(NATIVE_BF16_ENV, "0")
-    hardware._warn_once.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="spamclf.hardware"):
+    precision._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="spamclf.precision"):
         for _ in range(3):
-            assert resolve_precision("bf16-mixed", "cpu").used == "bf16-mixed"
+            assert resolve("bf16-mixed", "cpu").lightning == "bf16-mixed"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "slower" in warnings[0] and "trainer.precision=auto" in warnings[0]
     with pytest.raises(InvalidOption, match="precision='fp8'"):
-        inference_dtype("fp8", torch.device("cpu"))
+        resolve("fp8", torch.device("cpu"))
+
+
+def test_private_torch_ops_are_where_the_code_expects_them():
+    """Fails loudly when torch drops or renames the private oneDNN ops spamclf uses (written against torch 2.13.0)."""
+    if torch.backends.mkldnn.is_available():
+        assert hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"), "torch.ops.mkldnn._is_mkldnn_bf16_supported is gone"
+    if precision.cpu().bf16_flag and _onednn_bf16_supported():
+        assert _onednn_ops() is not None, "torch.ops.mkldnn._linear_pointwise / _reorder_linear_weight are gone"
+        weight = torch.randn(8, 16)
+        packed = _onednn_ops()._reorder_linear_weight(weight.to(torch.bfloat16), 64)
+        x = torch.randn(4, 16)
+        y = _onednn_ops()._linear_pointwise(x.to(torch.bfloat16), packed, None, "none", [], "")
+        assert y.shape == (4, 8) and torch.allclose(y.float(), x @ weight.T, atol=0.1, rtol=0.05)
 
 
 def _frozen_tiny():
@@ -107,13 +115,10 @@ def test_fp32_never_swaps_kernels():
 @needs_onednn
 def test_onednn_kernels_fuse_gelu_closer_to_fp32_and_leave_nothing_behind():
     torch.manual_seed(0)
-    ff = FeedForward(preset("gpt2-tiny")).requires_grad_(False)
     holder = torch.nn.Module()
-    holder.trf_blocks = torch.nn.ModuleList([torch.nn.Module()])
-    block = holder.trf_blocks[0]
-    block.ff, block.att = ff, torch.nn.Module()
-    block.att.qkv, block.att.out_proj = torch.nn.Linear(64, 192), torch.nn.Linear(64, 64)
-    block.requires_grad_(False)
+    holder.trf_blocks = torch.nn.ModuleList([TransformerBlock(preset("gpt2-tiny"))])
+    block = holder.trf_blocks[0].requires_grad_(False)
+    ff = block.ff
     x = torch.randn(37, 64)
     truth = ff(x)
     originals = list(ff.layers)
@@ -144,16 +149,16 @@ def test_onednn_kernels_match_the_plain_bf16_model():
     assert (fast - truth).abs().max() < 0.05 * scale and (plain - truth).abs().max() < 0.05 * scale
 
 
-def test_predict_texts_auto_agrees_with_fp32():
+def test_prediction_at_auto_agrees_with_fp32():
     torch.manual_seed(0)
     clf = SpamClassifier("gpt2-tiny", weights="random", pooling="last_nonpad").eval()
-    clf.hparams.tokenization = {"pad_length": None, "context_length": 1024}
+    tokenization = {"pad_length": None, "context_length": 1024}
     texts = ["hi", "Free entry in 2 a wkly comp", "", "WINNER!! claim your prize now " * 3]
-    fp32 = clf.predict_texts(texts, precision="fp32")
-    auto = clf.predict_texts(texts, precision="auto")
-    exact = inference_dtype("auto", clf.device) is None
+    fp32 = classifier_of(clf, tokenization, "fp32").predict(texts)
+    auto = classifier_of(clf, tokenization, "auto").predict(texts)
+    exact = resolve("auto", "cpu").dtype is None
     for a, b in zip(auto, fp32):
-        assert a["probabilities"]["spam"] == pytest.approx(b["probabilities"]["spam"], abs=0 if exact else 0.02)
+        assert a.probabilities["spam"] == pytest.approx(b.probabilities["spam"], abs=0 if exact else 0.02)
 
 
 def test_progress_bar_draws_on_a_terminal_only():

@@ -1,0 +1,38 @@
+"""Which rows go together, and how wide a batch is: the one length-bucketing rule, shared by training batches,
+the prefix cache build and prediction (torch or ONNX Runtime). Plain Python: no torch import."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+FILL = 128  # packed batches are padded to a multiple of this many positions (small ones to a power of two)
+
+
+def length_batches(widths: Sequence[int], rows: Iterable[int] | None = None, *, size: int | None = None,
+                   tokens: int | None = None, one_width: bool = False) -> list[list[int]]:
+    """`rows` (default: all) sorted by width (ties keep their order), cut into batches of `size` rows or of at
+    most `tokens` positions (a wider row goes alone): similar widths together, so little padding, and short rows
+    many to a batch. `one_width`: every batch holds rows of a single width."""
+    batches, batch, total = [], [], 0
+    for r in sorted(range(len(widths)) if rows is None else rows, key=widths.__getitem__):
+        full = (size is not None and len(batch) == size) or (tokens is not None and total + widths[r] > tokens)
+        if batch and (full or (one_width and widths[r] != widths[batch[0]])):
+            batches.append(batch)
+            batch, total = [], 0
+        batch.append(r)
+        total += widths[r]
+    return batches + [batch] if batch else batches
+
+
+def filled_rows(n: int) -> int:
+    """How many rows a packed batch of n positions is padded to: few distinct matmul shapes (oneDNN generates
+    and keeps kernels per shape), without computing 128 rows for one short message (a server's case)."""
+    if n >= FILL:
+        return -(-n // FILL) * FILL
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def round_up(width: int, multiple: int, limit: int | None = None) -> int:
+    """`width` rounded up to a multiple of `multiple`, at most `limit`."""
+    rounded = -(-width // multiple) * multiple
+    return min(rounded, limit) if limit else rounded

@@ -1,0 +1,43 @@
+"""From one labelled frame to the book's splits: classes balanced by undersampling, shuffled and cut 70/10/20 with
+`int()` as the book's `random_split` does, and the natural-rate evaluation set of everything balancing left out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+
+SPLITS = ("train", "val", "test")
+NATURAL = "natural"  # the test split plus every message balancing left out, at the file's own class ratio
+SPLIT_FILES = {"train": "train.csv", "val": "validation.csv", "test": "test.csv", NATURAL: "natural.csv"}
+
+
+def balance_classes(frame: pd.DataFrame, seed: int, label_order: Sequence[str]) -> pd.DataFrame:
+    """Undersample every class to the smallest one's size (the book: ham sampled down to the 747 spam).
+
+    Classes are concatenated in label order, each larger class sampled with `random_state=seed` and the
+    smallest left in file order, so with ham/spam this is exactly the book's `create_balanced_dataset`.
+    """
+    groups = [frame[frame["label"] == name] for name in label_order]
+    smallest = min(len(g) for g in groups)
+    return pd.concat([g.sample(smallest, random_state=seed) if len(g) > smallest else g for g in groups])
+
+
+def split_frame(frame: pd.DataFrame, fractions: Sequence[float], seed: int) -> dict[str, pd.DataFrame]:
+    """Shuffle with `random_state=seed`, then cut by `int()` of each fraction (the book's `random_split`)."""
+    shuffled = frame.sample(frac=1, random_state=seed).reset_index(drop=True)
+    train_end = int(len(shuffled) * fractions[0])
+    val_end = train_end + int(len(shuffled) * fractions[1])
+    test_end = len(shuffled) if math.isclose(sum(fractions), 1.0) else val_end + int(len(shuffled) * fractions[2])
+    return {"train": shuffled[:train_end], "val": shuffled[train_end:val_end], "test": shuffled[val_end:test_end]}
+
+
+def natural_frame(everything: pd.DataFrame, used: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The test split plus every row of `everything` that balancing left out of `used`, minus any text that
+    is also a training or validation text: messages never seen in training. Balancing uses every message of
+    the smallest class, so this set is mostly the larger classes (SMS: ~4,100 ham, ~110 spam)."""
+    unused = everything[~everything.index.isin(used.index)]
+    seen = set(splits["train"]["text"]) | set(splits["val"]["text"])
+    natural = pd.concat([splits["test"], unused], ignore_index=True)
+    return natural[~natural["text"].isin(seen)].reset_index(drop=True)
