@@ -77,18 +77,43 @@ def case_train(name: str, args) -> dict:
 
     experiment = TRAIN_CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
+        profiler = ["+trainer.profiler._target_=spamclf.profiling.StepProfiler", f"+trainer.profiler.dirpath={tmp}",
+                    "+trainer.profiler.filename=profile"] if args.profile else []
         cfg = _compose([*experiment, f"model={args.model}", "model.weights=random", "callbacks=none", "logger=none",
                         "data.natural=false",  # the book's recipe: train, validation and test only
                         "trainer.enable_progress_bar=false", f"trainer.accelerator={args.accelerator}", "trainer.devices=1",
-                        f"trainer.max_epochs={args.epochs}"],
+                        f"trainer.max_epochs={args.epochs}", *profiler],
                        Path(tmp))
         summary = run(cfg)
+        profile = _fit_profile(Path(tmp)) if args.profile else None
     wall = time.perf_counter() - _T0
     tokens = _token_counts(cfg)
     return {"wall_s": wall, "summary": summary, "tokens": tokens, "epochs": args.epochs, "model": args.model,
             "pooling": cfg.model.pooling, "trainable": cfg.model.trainable_layers, "sizes": _gpt_sizes(args.model),
-            "pooled_only": bool(cfg.model.pooled_only),
+            "pooled_only": bool(cfg.model.pooled_only), "profile": profile,
             **_device_facts(args)}
+
+
+def _fit_profile(folder: Path) -> dict | None:
+    """The fit stage's profile (StepProfiler writes one file per stage: fit-profile.json, test-profile.json)."""
+    from spamclf.profiling import read_profile
+
+    found = sorted(folder.glob("fit-profile*.json"))
+    return read_profile(found[0]) if found else None
+
+
+def print_profiles(results: dict) -> None:
+    """Where a training step's time goes, per profiled case."""
+    from spamclf.profiling import step_table
+
+    for case, (r, _) in results.items():
+        rows = step_table(r["profile"]) if r.get("profile") else []
+        if not rows:
+            continue
+        print(f"\nprofile of {case}: a training step, {sum(ms for _, ms, _ in rows):.1f} ms on average")
+        print(f"  {'part':<28} {'ms/step':>8} {'share':>7}")
+        for part, ms, share in rows:
+            print(f"  {part:<28} {ms:>8.2f} {share:>7.1%}")
 
 
 def _device_facts(args) -> dict:
@@ -332,7 +357,8 @@ def _peak_rss_of(case: str, args) -> tuple[dict, int]:
     """Run a case and read its own peak RSS from the kernel (wait4), not from sampling."""
     command = [sys.executable, "-m", "spamclf.bench", "--child", case, "--epochs", str(args.epochs), "--model", args.model,
                "--predict-lines", str(args.predict_lines), "--accelerator", args.accelerator,
-               "--predict-precision", args.predict_precision, "--serve-requests", str(args.serve_requests)]
+               "--predict-precision", args.predict_precision, "--serve-requests", str(args.serve_requests),
+               *(["--profile"] if args.profile else [])]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -498,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predict-precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                         help="the prediction case's --precision")
     parser.add_argument("--serve-requests", type=int, default=2000, help="requests per concurrency level in the serve case")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the training cases' steps (Lightning's SimpleProfiler) and print where a step's time goes")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -516,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {case} …", file=sys.stderr, flush=True)
         results[case] = _peak_rss_of(case, args)
     report(results, args)
+    print_profiles(results)
     if args.json:
         Path(args.json).write_text(json.dumps({k: {"result": v[0], "peak_rss": v[1]} for k, v in results.items()}, default=str, indent=1))
     return 0

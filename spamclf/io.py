@@ -62,8 +62,10 @@ def atomic_folder(out: str | os.PathLike, what: str = "--out") -> Iterator[Path]
     from spamclf.errors import SpamclfError
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SpamclfError(f"{out}: exists and is not an empty folder; choose a new {what} or remove it")
+    if out.exists() and not out.is_dir():
+        raise SpamclfError(f"{out}: exists and is not a folder; choose a new {what} or remove it")
+    if out.exists() and any(out.iterdir()):
+        raise SpamclfError(f"{out}: folder exists and is not empty; choose a new {what} or remove it")
     if not out.parent.is_dir():
         raise SpamclfError(f"{out.parent}: folder does not exist; create it or fix {what}")
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))

@@ -101,9 +101,12 @@ class SpamClassifier(L.LightningModule):
         cache = self.caches.get(batch["split"], self.model, self.readout, self.hparams.drop_rate, trainer.datamodule,
                                 str(trainer.precision), self.device, trainer.progress_bar_callback is not None and trainer.is_global_zero)
         if cache is None:
-            return self(batch["input_ids"], batch["lengths"])
-        hidden = cache.gather(batch["index"], batch["input_ids"].shape[1], self.device, self.model.pos_emb.weight.dtype)
-        return self(batch["input_ids"], batch["lengths"], hidden, cache.depth)
+            with trainer.profiler.profile("step: forward"):
+                return self(batch["input_ids"], batch["lengths"])
+        with trainer.profiler.profile("step: cache gather"):
+            hidden = cache.gather(batch["index"], batch["input_ids"].shape[1], self.device, self.model.pos_emb.weight.dtype)
+        with trainer.profiler.profile("step: forward"):
+            return self(batch["input_ids"], batch["lengths"], hidden, cache.depth)
 
     # ---------------------------------------------------------------------------------------- steps
     def setup(self, stage: str) -> None:
@@ -116,11 +119,13 @@ class SpamClassifier(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self._logits(batch)
-        loss = F.cross_entropy(logits.float(), batch["labels"])
-        metrics = self.metrics["train_metrics"]
-        metrics["acc"](logits.detach().float(), batch["labels"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
-        self.log("train/acc", metrics["acc"], on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        with self.trainer.profiler.profile("step: loss"):
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+        with self.trainer.profiler.profile("step: metrics and logging"):
+            metrics = self.metrics["train_metrics"]
+            metrics["acc"](logits.detach().float(), batch["labels"])
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+            self.log("train/acc", metrics["acc"], on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
         return loss
 
     def _evaluate(self, batch: dict, name: str) -> None:
