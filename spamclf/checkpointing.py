@@ -31,6 +31,11 @@ class Preemption(L.Callback):
     (spamclf.pipeline does so by itself) and repeats the interrupted epoch exactly, so it ends as a run that
     never stopped would have."""
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # One line per finished epoch, so a requeued job's log shows which epochs ran twice (none should).
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            log.info("epoch %d finished (global step %d)", trainer.current_epoch, trainer.global_step)
+
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if trainer.received_sigterm:
             log.warning("SIGTERM received: stopping at this batch; last.ckpt holds the last finished epoch; exit %d asks "

@@ -202,6 +202,10 @@ def main(cfg: DictConfig) -> float | None:
             _discard_incomplete(Path(cfg.paths.output_dir))
         except OmegaConfBaseException:
             pass
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            # A SLURM job (submitit): an exception becomes the job's result, so the sweep names the failed job; after an
+            # exit there is no result, and without SLURM accounting (sacct) the sweep would wait for it for ever.
+            raise SpamclfError(message) from None
         sys.exit(2)
     finally:
         _release_process_group()

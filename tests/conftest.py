@@ -22,3 +22,33 @@ def sms_module():
 def caplog_info(caplog):
     caplog.set_level(logging.INFO)
     return caplog
+
+
+SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scancel", "scontrol", "srun")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node SLURM cluster (scripts/slurm-local) for the session: yields the environment that points the SLURM
+    commands at it. Skips where SLURM is missing or the user is not root; SPAMCLF_REQUIRE_SLURM=1 (CI) fails instead.
+    Every daemon it started is stopped, by process id, even when a test fails."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    missing = [t for t in SLURM_TOOLS if shutil.which(t) is None]
+    reason = (f"SLURM not installed ({', '.join(missing)} missing; apt-get install slurmctld slurmd slurm-client munge)"
+              if missing else "slurmd needs root to start jobs" if os.geteuid() != 0 else None)
+    if reason:
+        if os.environ.get("SPAMCLF_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SPAMCLF_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm-local"
+    state = tmp_path_factory.mktemp("slurm")
+    proc = subprocess.run([str(script), "start", "--dir", str(state)], capture_output=True, text=True, timeout=120)
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        env = dict(line.split("=", 1) for line in proc.stdout.splitlines() if line.startswith("SLURM_"))
+        yield {**os.environ, **env}
+    finally:
+        subprocess.run([str(script), "stop", "--keep", str(state)], timeout=120)
