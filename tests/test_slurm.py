@@ -137,3 +137,11 @@ def test_ddp_over_two_slurm_tasks_takes_its_ranks_from_slurm_and_matches_one_pro
     for split in ("val", "test"):
         for key in SPLIT_KEYS:
             assert metrics[split][key] == pytest.approx(alone[split][key], abs=1e-5), (split, key)
+
+
+def test_a_request_the_partition_cannot_hold_fails_before_submission(slurm_cluster, tmp_path):
+    proc = _train([*JOB, "hydra.launcher.cpus_per_task=64"], tmp_path, slurm_cluster, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: hydra.launcher.cpus_per_task=64 asks a node of partition debug for more than it has")
+    assert not _slurm(slurm_cluster, "squeue", "-h").strip()  # nothing was submitted
