@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install train test lint bench clean
 
-$(STAMP): pyproject.toml requirements-ci.txt
+$(STAMP): pyproject.toml requirements-ci.txt requirements-book.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements-ci.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-book.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -30,8 +30,24 @@ from spamclf.loaders import (
     PadCollator,
     UnpaddedShardSampler,
 )
-from spamclf.reading import SMS_FILE, UCI_URL, download_sms, rank_zero_log, read_labelled_file
-from spamclf.splits import NATURAL, SPLIT_FILES, SPLITS, balance_classes, natural_frame, split_frame
+from spamclf.reading import (
+    READERS,
+    SMS_FILE,
+    UCI_URL,
+    download_sms,
+    rank_zero_log,
+    read_labelled_file,
+    read_sms_as_the_book,
+)
+from spamclf.splits import (
+    NATURAL,
+    SPLIT_FILES,
+    SPLITS,
+    balance_classes,
+    book_natural_frame,
+    natural_frame,
+    split_frame,
+)
 from spamclf.tokenizer import asset_path, encode_texts
 
 log = logging.getLogger(__name__)
@@ -82,6 +98,11 @@ class SpamDataModule(L.LightningDataModule):
             left out, minus any text that is also in train or validation. Its false-positive rate comes from
             thousands of real ham messages; precision is also reported at the file's own class ratio.
         positive_label: the class a filter flags (spam); None means "spam" if present, else the last label.
+        reader: how the SMS Spam Collection is read. `book` (the default): as the book's
+            `pd.read_csv(sep="\\t", header=None)` does, 5,572 rows, so balancing and splitting give the
+            book's train/validation/test files row for row; `exact`: every one of the 5,574 lines. A file of
+            your own (`path`) and `dedupe=True` are always read exactly, and the natural set always holds
+            the exact messages (see docs/book-protocol.md).
     """
 
     def __init__(
@@ -112,10 +133,13 @@ class SpamDataModule(L.LightningDataModule):
         header: bool = True,
         natural: bool = True,
         positive_label: str | None = None,
+        reader: str = "book",
     ):
         super().__init__()
         eval_batch_size = eval_batch_size or batch_size
         _check_batching(padding, max_length, batch_size, eval_batch_size, pad_to_multiple_of)
+        if reader not in READERS:
+            raise InvalidOption("reader", reader, "one of " + ", ".join(READERS))
         if len(splits) != 3 or any(f < 0 for f in splits) or sum(splits) > 1 + 1e-9:
             raise InvalidOption("splits", list(splits), "three non-negative fractions (train, val, test) summing to at most 1")
         self.path, self.format, self.encoding = path, format, encoding
@@ -128,6 +152,8 @@ class SpamDataModule(L.LightningDataModule):
         self.bucket, self.drop_last, self.num_workers = bucket, drop_last, num_workers
         self.output_dir, self.download, self.download_url, self.cache_dir = output_dir, download, download_url, cache_dir
         self.header, self.natural, self.positive_label = header, natural, positive_label
+        self.reader = reader
+        self.protocol = "book" if reader == "book" and path is None and not dedupe else "exact"  # what setup reads
         self.frames: dict[str, pd.DataFrame] = {}
         self.datasets: dict[str, EncodedSplit] = {}
         self.label_names: list[str] = []
@@ -164,6 +190,12 @@ class SpamDataModule(L.LightningDataModule):
             rank_zero_log.info("dedupe: dropped %d repeated text(s) before balancing", before - len(frame))
         everything = frame
         self.class_shares = {n: float((frame["label"] == n).mean()) for n in self.label_names}
+        if self.reader == "book" and self.protocol == "exact":
+            rank_zero_log.info("data.reader=book applies to the SMS Spam Collection without dedupe; with %s the data is "
+                               "read exactly", "data.path" if self.path is not None else "data.dedupe=true")
+        if self.protocol == "book":
+            frame = read_sms_as_the_book(path)  # the rows the book balances and splits; `everything` stays exact
+        rows = frame
         if self.balance:
             frame = balance_classes(frame, self.seed, self.label_names)
         frames = split_frame(frame, self.splits, self.seed)
@@ -174,7 +206,8 @@ class SpamDataModule(L.LightningDataModule):
                     f"add data or change data.splits"
                 )
         if self.natural:
-            frames[NATURAL] = natural_frame(everything, frame, frames)
+            frames[NATURAL] = (natural_frame(everything, frame, frames) if self.protocol == "exact"
+                               else book_natural_frame(everything, rows, frame, frames))
             counts = frames[NATURAL]["label"].value_counts()
             rank_zero_log.info("natural set (test + messages balancing left out, none seen in train/val): %d messages, %s; "
                      "the file: %s", len(frames[NATURAL]), ", ".join(f"{counts.get(n, 0)} {n}" for n in self.label_names),

@@ -108,6 +108,7 @@ def run(cfg: DictConfig) -> dict:
         "trainable_parameters": model.trainable,
         "total_parameters": model.total,
         "overlap_with_train": datamodule.overlap,
+        "data_protocol": datamodule.protocol,  # book: the SMS file read as the book reads it; exact: every line
         "precision": precision.as_dict(),
         "timings": timings,
     }

@@ -35,7 +35,8 @@ class StepProfiler(SimpleProfiler):
         if self.dirpath is not None and self.recorded_durations:
             Path(self.dirpath).mkdir(parents=True, exist_ok=True)
             durations = {action: [len(d), float(sum(d))] for action, d in self.recorded_durations.items()}
-            write_json(Path(self.dirpath) / f"{stage or 'run'}-{self.filename or 'profile'}.json", durations)
+            name = getattr(stage, "value", stage) or "run"  # Lightning passes its TrainerFn enum
+            write_json(Path(self.dirpath) / f"{name}-{self.filename or 'profile'}.json", durations)
         super().teardown(stage)
 
 

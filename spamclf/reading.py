@@ -34,6 +34,7 @@ class _RankZeroLog:
 rank_zero_log = _RankZeroLog()
 
 FORMATS = ("auto", "sms", "csv", "tsv", "jsonl")
+READERS = ("book", "exact")  # how the SMS Spam Collection is read: as the book's pandas call does, or every line
 SMS_FILE = "SMSSpamCollection"
 SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 UCI_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -178,6 +179,26 @@ def read_labelled_file(
     if frame.empty:
         raise DataError(f"{path}: no rows with text; it needs one labelled text per line")
     return frame.reset_index(drop=True)
+
+
+def read_sms_as_the_book(path: str | os.PathLike) -> pd.DataFrame:
+    """The SMS Spam Collection as the book reads it: `pd.read_csv(sep="\\t", header=None)` with pandas'
+    default quoting, which strips the `"` around quoted texts and merges lines 5082-5084 of the file into
+    one row (5,572 rows, not 5,574). Columns `line` (the row's first line), `label`, `text`, `span` (how
+    many lines of the file the row holds: 3 for the merged row, else 1)."""
+    path = Path(path)
+    book = pd.read_csv(path, sep="\t", header=None, names=["Label", "Text"])  # the book's call, as printed
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows, cursor = [], 0
+    for label, text in zip(book["Label"], book["Text"]):
+        while cursor < len(lines) and not lines[cursor].strip():
+            cursor += 1
+        span = str(text).count("\n") + 1  # a quoted field that runs over line ends keeps them
+        if cursor >= len(lines) or lines[cursor].partition("\t")[0] != label or not isinstance(text, str):
+            raise DataError(f"{path}:{cursor + 1}: cannot line up the book's reading with the file; use data.reader=exact")
+        rows.append((cursor + 1, label, text, span))
+        cursor += span
+    return pd.DataFrame(rows, columns=["line", "label", "text", "span"])
 
 
 def download_sms(url: str = UCI_URL, cache_dir: str | os.PathLike | None = None) -> Path:

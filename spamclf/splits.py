@@ -1,5 +1,9 @@
 """From one labelled frame to the book's splits: classes balanced by undersampling, shuffled and cut 70/10/20 with
-`int()` as the book's `random_split` does, and the natural-rate evaluation set of everything balancing left out."""
+`int()` as the book's `random_split` does, and the natural-rate evaluation set of everything balancing left out.
+
+Under the book's reading (`data.reader=book`, `spamclf.reading.read_sms_as_the_book`) a row is a run of file
+lines, `line` … `line + span - 1` (one merged row holds three), and the natural set maps rows onto the exact
+messages of those lines (docs/book-protocol.md)."""
 
 from __future__ import annotations
 
@@ -41,3 +45,33 @@ def natural_frame(everything: pd.DataFrame, used: pd.DataFrame, splits: dict[str
     seen = set(splits["train"]["text"]) | set(splits["val"]["text"])
     natural = pd.concat([splits["test"], unused], ignore_index=True)
     return natural[~natural["text"].isin(seen)].reset_index(drop=True)
+
+
+def spanned_lines(rows: pd.DataFrame) -> list[int]:
+    """Every line of the file the given book rows hold, in row order (a merged row gives all its lines)."""
+    return [line + k for line, span in zip(rows["line"], rows["span"]) for k in range(span)]
+
+
+def book_natural_frame(everything: pd.DataFrame, book: pd.DataFrame, used: pd.DataFrame,
+                       splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The natural set under the book's reading, made of exact messages (`everything`, one per line).
+
+    The same rule as `natural_frame`, with rows mapped onto lines: the messages on the lines of
+    the test split's rows (in test order), then every message on a line no balanced row holds (file order);
+    dropped: any message on a line of a training or validation row, and any message whose text, as the file
+    has it or as the book reads it, is a training or validation text (either reading). `book` is every row
+    the book's reader gave, `used` the balanced rows, `splits` their train/val/test split.
+    """
+    train_val = pd.concat([splits["train"], splits["val"]])
+    taken = set(spanned_lines(train_val))
+    test_order = {line: i for i, line in enumerate(spanned_lines(splits["test"]))}
+    used_lines = set(spanned_lines(used))
+    in_test = everything[everything["line"].isin(test_order)]
+    in_test = in_test.iloc[in_test["line"].map(test_order).argsort(kind="stable")]
+    unused = everything[~everything["line"].isin(used_lines)]
+    natural = pd.concat([in_test, unused])
+    seen = set(train_val["text"]) | set(everything.loc[everything["line"].isin(taken), "text"])
+    single = book[book["span"] == 1]
+    as_the_book = natural["line"].map(dict(zip(single["line"], single["text"])))  # NaN for the merged lines
+    unseen = ~natural["text"].isin(seen) & ~as_the_book.isin(seen)
+    return natural[unseen].reset_index(drop=True)

@@ -47,7 +47,7 @@ def test_users_overrides_compose(tmp_path):
     assert (cfg.model.model_name, cfg.trainer.accelerator, cfg.model.trainable_layers) == ("gpt2-medium", "gpu", "all")
     assert cfg.data.seed == 7 and cfg.data.path == "my.csv"
     csv_cfg = compose_cfg(["data=csv", "data.path=x.csv", "data.labels=[a,b,c]"], tmp_path)
-    assert csv_cfg.model.label_names == ["a", "b", "c"] and csv_cfg.data.balance is False
+    assert csv_cfg.model.label_names == ["a", "b", "c"] and csv_cfg.data.balance is False and csv_cfg.data.reader == "exact"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -95,6 +95,7 @@ def test_smoke_run_writes_a_complete_run_folder(tmp_path):
     assert metrics["val"]["acc"] > 0.85 and metrics["test"]["acc"] > 0.85
     assert metrics["timings"]["fit_s"] > 0 and summary["overlap_with_train"]["test"] > 0
     assert metrics["precision"] == {"requested": "32-true", "used": "32-true", "reason": "set explicitly"}
+    assert metrics["data_protocol"] == "book"  # the default: the SMS file read as the book reads it
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -122,6 +123,7 @@ def test_fast_experiment_chooses_its_precision_and_says_so(tmp_path, caplog_info
     [
         ("model.trainable_layers=most", "model.trainable_layers='most' is not valid; choose one of head, last_block"),
         ("data.padding=wide", "data.padding='wide' is not valid; choose one of longest_train, batch"),
+        ("data.reader=pandas", "data.reader='pandas' is not valid; choose one of book, exact"),
         ("model.pooling=max", "model.pooling='max' is not valid"),
         ("data.path=/no/such/file.csv", "/no/such/file.csv: file not found"),
         ("ckpt_path=/no/such.ckpt", "/no/such.ckpt: checkpoint not found"),
