@@ -98,8 +98,10 @@ class SpamClassifier(L.LightningModule):
 
     def _logits(self, batch: dict) -> torch.Tensor:
         trainer = self.trainer
-        cache = self.caches.get(batch["split"], self.model, self.readout, self.hparams.drop_rate, trainer.datamodule,
-                                str(trainer.precision), self.device, trainer.progress_bar_callback is not None and trainer.is_global_zero)
+        with trainer.profiler.profile("step: prefix cache"):  # built on a split's first batch, then looked up
+            cache = self.caches.get(batch["split"], self.model, self.readout, self.hparams.drop_rate, trainer.datamodule,
+                                    str(trainer.precision), self.device,
+                                    trainer.progress_bar_callback is not None and trainer.is_global_zero)
         if cache is None:
             with trainer.profiler.profile("step: forward"):
                 return self(batch["input_ids"], batch["lengths"])

@@ -19,6 +19,7 @@ from spamclf.io import write_json
 STEP_PARTS = (
     ("data loading", "[_TrainingEpochLoop].train_dataloader_next"),
     ("batch to device", "[Strategy]SingleDeviceStrategy.batch_to_device"),
+    ("prefix cache build (once)", "step: prefix cache"),
     ("cache gather", "step: cache gather"),
     ("forward (suffix)", "step: forward"),
     ("loss", "step: loss"),
@@ -50,7 +51,7 @@ def step_table(durations: dict[str, list[float]]) -> list[tuple[str, float, floa
     step = durations.get("[Strategy]SingleDeviceStrategy.training_step", [0, 0.0])[1]
     closure = durations.get("[LightningModule]SpamClassifier.optimizer_step", [0, 0.0])[1]
     seconds["optimizer update (AdamW)"] = max(0.0, closure - step - seconds["backward"] - seconds["zero_grad"])
-    marked = sum(v for k, v in seconds.items() if k.startswith(("cache", "forward", "loss", "metrics")))
+    marked = sum(v for k, v in seconds.items() if k.startswith(("prefix", "cache", "forward", "loss", "metrics")))
     seconds["training_step: the rest"] = max(0.0, step - marked)
     total = batches + seconds["data loading"]
     seconds["Lightning bookkeeping"] = max(0.0, total - sum(seconds.values()))
