@@ -87,8 +87,13 @@ def test_preemption_exits_75_requeues_and_resumes_in_the_same_folder(sweep, slur
         while "BeginTime" not in _slurm(slurm_cluster, "squeue", "-h", "-j", job[0], "-o", "%r"):
             assert proc.poll() is None and time.monotonic() < deadline, "the job was not requeued"
             time.sleep(0.2)
-        _slurm(slurm_cluster, "scontrol", "update", f"JobId={job[0]}", "StartTime=now")
-        out, err = proc.communicate(timeout=180)
+        deadline = time.monotonic() + 240
+        while (state := _slurm(slurm_cluster, "squeue", "-h", "-j", job[0], "-o", "%T %r").strip()).startswith("PENDING"):
+            # released until the scheduler starts it (on a busy machine one release can be missed)
+            _slurm(slurm_cluster, "scontrol", "update", f"JobId={job[0]}", "StartTime=now")
+            assert proc.poll() is None and time.monotonic() < deadline, f"the requeued job did not start: {state}"
+            time.sleep(2)
+        out, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
