@@ -8,8 +8,8 @@
 `spamclf.predict` writes, in order ({"predictions": [...]} for "texts"). Requests that arrive together
 (up to --max-batch-size, waiting at most --batch-timeout seconds) are classified in one call of
 the engine's `predict` (`Classifier` or `OnnxClassifier`), the same path as the CLI, at the precision `auto`
-picks for the hardware. `GET /health` is 200 once the model is loaded;
-`GET /info` describes the model.
+picks for the hardware. `GET /` is a page to try it in a browser (`spamclf.page`); `GET /health` is 200
+once the model is loaded; `GET /info` describes the model.
 
 Requests are checked before they reach the model (FastAPI + pydantic): a body that is not JSON, without
 "text"/"texts", with a non-string, an empty list or more than --max-texts texts is a 422 naming the
@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from spamclf.engines import add_model_flags, load_engine
 from spamclf.errors import SpamclfError
+from spamclf.page import page_middleware
 
 
 class PredictRequest(BaseModel):
@@ -94,7 +95,7 @@ def build_server(source: dict, max_batch_size: int = 32, batch_timeout: float = 
     device = source["device"] or "cpu"
     accelerator = "cuda" if device.startswith("cuda") else device
     return ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=timeout,
-                        model_metadata=info, max_payload_size=max_body_bytes)
+                        model_metadata=info, max_payload_size=max_body_bytes, middlewares=[page_middleware()])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,12 @@ def test_health_and_info(server):
     assert model["sha256"] == hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
 
 
+def test_the_page_is_served_at_root_and_fetches_nothing_from_elsewhere(server):
+    status, html = http_request(server[0] + "/")
+    assert status == 200 and "<title>spamclf" in html and 'id="one-form"' in html
+    assert "http://" not in html and "https://" not in html and "<link" not in html and " src=" not in html
+
+
 def test_zz_sigterm_stops_every_process(server):
     _, _, proc = server
     session = [p for p in psutil.process_iter(["pid"]) if _sid(p.pid) == proc.pid]
