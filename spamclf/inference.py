@@ -24,7 +24,8 @@ from spamclf.gpt2 import GPT2
 from spamclf.heads import Readout, classifier_network
 from spamclf.io import file_sha256
 from spamclf.kernels import onednn_bf16_inference
-from spamclf.packing import packed_prefix, release_freed_memory
+from spamclf.memory import release_freed_memory
+from spamclf.packing import packed_prefix
 from spamclf.precision import Precision, resolve
 
 log = logging.getLogger(__name__)

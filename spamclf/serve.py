@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from spamclf.engines import add_model_flags, load_engine
 from spamclf.errors import SpamclfError
+from spamclf.memory import release_freed_memory
 from spamclf.page import page_middleware
 
 
@@ -90,6 +91,7 @@ def build_server(source: dict, max_batch_size: int = 32, batch_timeout: float = 
     engine = load_engine(Namespace(**source))
     info = {**engine.info(), "limits": {"max_texts": max_texts, "max_body_bytes": max_body_bytes}}
     del engine
+    release_freed_memory()  # this process (and the API servers LitServe forks from it) no longer holds the model
     PredictRequest.max_texts = max_texts
     api = SpamClassifierAPI(source, batch_tokens, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     device = source["device"] or "cpu"
