@@ -51,10 +51,10 @@ def reference(ckpt, texts):
     return Classifier.load(ckpt, precision="fp32").predict(texts)
 
 
-def test_int8_export_is_smaller_carries_the_decision_and_checks_agreement(exported, ckpt):
-    from spamclf.onnx_classifier import OnnxClassifier
-
+def test_int8_export_runs_int8_matmuls_carries_the_decision_and_checks_agreement(exported, ckpt):
     import onnx
+
+    from spamclf.onnx_classifier import OnnxClassifier
 
     ops = {node.op_type for node in onnx.load(str(exported["int8"])).graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops  # the linear layers run on int8 weights
