@@ -24,7 +24,9 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-CASES = ("ch06", "fast", "peer", "all_layers", "predict", "serve")
+CASES = ("ch06", "fast", "peer", "all_layers", "predict", "predict_fp32", "predict_onnx", "predict_int8", "cold_start", "serve",
+         "serve_int8", "int8_accuracy")
+PREDICT_ENGINES = {"predict_fp32": "torch:fp32", "predict_onnx": "onnx:fp32", "predict_int8": "onnx:int8"}
 SERVE_CONCURRENCY = (1, 8, 32)
 # experiment=fast with one piece taken away: what each piece contributes (`--cases ablations`).
 ABLATIONS = {
@@ -197,62 +199,160 @@ def _checkpoint_and_messages(args, tmp: Path) -> list[str]:
     return read_labelled_file(asset_path(SMS_FILE))["text"].tolist()
 
 
-def _tree_rss(process) -> int:
-    """Resident memory of a process and all its children."""
+def _tree_rss(process, proportional: bool = False) -> int:
+    """Resident memory of a process and all its children. `proportional`: PSS, where pages that forked processes
+    share (LitServe forks its API server from the main process) count once in all instead of once per process."""
     import psutil
 
     total = 0
     for p in (process, *process.children(recursive=True)):
         try:
-            total += p.memory_info().rss
+            total += p.memory_full_info().pss if proportional else p.memory_info().rss
         except psutil.Error:
             pass
     return total
 
 
-def case_predict(args) -> dict:
-    """The prediction CLI on an N-line file of SMS messages, from a saved checkpoint."""
+def _export_graph(tmp: Path, quantize: bool) -> Path:
+    """The bench checkpoint exported to ONNX (fp32, or int8 weights) at tmp/<kind>/model.onnx."""
+    out = tmp / ("int8" if quantize else "fp32")
+    command = [sys.executable, "-m", "spamclf.export", "--ckpt", str(tmp / "model.ckpt"), "--out", str(out), "--format", "onnx",
+               *(["--quantize", "int8"] if quantize else [])]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: export failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return out / "model.onnx"
+
+
+def _model_flags(args, tmp: Path, engine: str) -> list[str]:
+    """predict/serve flags for an engine: torch at a precision ("torch:fp32", "torch:auto") or "onnx:fp32"/"onnx:int8"."""
+    kind, what = engine.split(":")
+    if kind == "onnx":
+        return ["--onnx", str(_export_graph(tmp, what == "int8"))]
+    return ["--ckpt", str(tmp / "model.ckpt"), "--precision", what, "--device", "cuda" if args.accelerator == "gpu" else "cpu"]
+
+
+def _watched_run(command: list[str]) -> dict:
+    """Run `command`, sampling its RSS; `loaded_s`: when it printed its first stderr line (the model is loaded then);
+    `cpu_s`: the CPU time it used (user + system), which a busy machine does not inflate as it does wall time."""
+    import resource
+    import threading
+
     import psutil
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    watched, samples, stderr, loaded = psutil.Process(proc.pid), [], [], []
+
+    def read_stderr():
+        for line in proc.stderr:
+            loaded.append(loaded[0] if loaded else time.perf_counter() - start)
+            stderr.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        try:
+            samples.append(watched.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.25)
+    reader.join()
+    proc.wait()
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {command[2]} failed: {stderr[-1:]}")
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"wall_s": wall, "cpu_s": cpu, "loaded_s": loaded[0] if loaded else 0.0, "rss": samples, "stderr": "".join(stderr)}
+
+
+def case_predict(args, engine: str | None = None) -> dict:
+    """The prediction CLI on an N-line file of SMS messages, from a saved checkpoint or its ONNX export."""
     from spamclf.tokenizer import encode_texts
 
+    engine = engine or f"torch:{args.predict_precision}"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         texts = _checkpoint_and_messages(args, tmp)
         lines = [texts[i % len(texts)].replace("\n", " ") for i in range(args.predict_lines)]
         (tmp / "in.txt").write_text("\n".join(lines) + "\n")
-        command = [sys.executable, "-m", "spamclf.predict", "--ckpt", str(tmp / "model.ckpt"), "--input", str(tmp / "in.txt"),
-                   "--output", str(tmp / "out.jsonl"), "--precision", args.predict_precision, "--chunk-size", "4096",
-                   "--device", "cuda" if args.accelerator == "gpu" else "cpu"]
-        start = time.perf_counter()
-        proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-        watched = psutil.Process(proc.pid)
-        samples = []
-        while proc.poll() is None:
-            try:
-                samples.append((time.perf_counter() - start, watched.memory_info().rss))
-            except psutil.Error:
-                break
-            time.sleep(0.5)
-        _, stderr = proc.communicate()
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise SystemExit(f"error: prediction failed: {stderr.strip().splitlines()[-1:]}")
-        precision = next((ln.split(" -> ")[1].split(":")[0] for ln in stderr.splitlines() if ln.startswith("precision ")), "?")
+        command = [sys.executable, "-m", "spamclf.predict", *_model_flags(args, tmp, engine), "--input", str(tmp / "in.txt"),
+                   "--output", str(tmp / "out.jsonl"), "--chunk-size", "4096"]
+        run = _watched_run(command)
+        precision = next((ln.split(" -> ")[1].split(":")[0] for ln in run["stderr"].splitlines() if ln.startswith("precision ")), "?")
         written = sum(1 for _ in open(tmp / "out.jsonl"))
     tokens = sum(len(t) for t in encode_texts(lines[: len(texts)]))
     mean_tokens = tokens / min(len(texts), len(lines))
-    rss = [r for _, r in samples]
+    rss = run["rss"]
     # Memory over time: the first quarter (model loaded, first chunks) against the rest.
     quarter = max(1, len(rss) // 4)
-    return {"wall_s": wall, "lines": written, "mean_tokens": mean_tokens, "peak_rss": max(rss) if rss else 0, "precision": precision,
+    return {"wall_s": run["wall_s"], "loaded_s": run["loaded_s"], "lines": written, "mean_tokens": mean_tokens,
+            "peak_rss": max(rss) if rss else 0, "precision": precision, "engine": engine,
             "rss_first_quarter": max(rss[:quarter]) if rss else 0, "rss_rest": max(rss[quarter:] or rss[:1]) if rss else 0,
             "sizes": _gpt_sizes(args.model)}
 
 
-def case_serve(args) -> dict:
+def case_cold_start(args) -> dict:
+    """One message, process start to answer: `predict --onnx` (int8) against `predict --ckpt`, the median of 5 runs."""
+    import statistics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _checkpoint_and_messages(args, tmp)
+        result = {}
+        for engine in ("onnx:int8", "torch:auto"):
+            command = [sys.executable, "-m", "spamclf.predict", *_model_flags(args, tmp, engine), "--text", "WINNER!! Claim now"]
+            runs = [_watched_run(command) for _ in range(5)]
+            walls = [r["wall_s"] for r in runs]
+            result[engine] = {"median_s": statistics.median(walls), "min_s": min(walls), "max_s": max(walls),
+                              "cpu_median_s": statistics.median(r["cpu_s"] for r in runs)}
+    return {"runs": result}
+
+
+def _rates(predictions, labels: list[str], positive: str) -> dict:
+    """False-positive rate and recall of `predictions` against the true `labels`."""
+    flagged = [p.label == positive for p in predictions]
+    negatives = [f for f, y in zip(flagged, labels) if y != positive]
+    positives = [f for f, y in zip(flagged, labels) if y == positive]
+    return {"fpr": sum(negatives) / max(len(negatives), 1), "recall": sum(positives) / max(len(positives), 1),
+            "false_positives": f"{sum(negatives)} of {len(negatives)}", "caught": f"{sum(positives)} of {len(positives)}"}
+
+
+def case_int8_accuracy(args) -> dict:
+    """For each run folder in --runs: the int8 graph's labels against the fp32 checkpoint's on the run's test and
+    natural splits (test.csv, natural.csv), and FPR/recall at the checkpoint's threshold for both."""
+    import pandas as pd
+
+    from spamclf.inference import Classifier
+    from spamclf.onnx_classifier import OnnxClassifier
+
+    results = {}
+    for run in filter(None, args.runs.split(",")):
+        run = Path(run)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            (tmp / "model.ckpt").symlink_to((run / "checkpoints" / "last.ckpt").resolve())
+            torch_side = Classifier.load(tmp / "model.ckpt", precision="fp32")
+            int8 = OnnxClassifier.load(_export_graph(tmp, quantize=True))
+            positive = torch_side.decision.positive_label
+            splits = {}
+            for split in ("validation", "test", "natural"):
+                frame = pd.read_csv(run / f"{split}.csv")
+                texts, labels = frame["text"].astype(str).tolist(), frame["label"].astype(str).tolist()
+                a, b = torch_side.predict(texts), int8.predict(texts)
+                splits[split] = {"count": len(texts), "agreement": sum(x.label == y.label for x, y in zip(a, b)) / len(texts),
+                                 "fp32": _rates(a, labels, positive), "int8": _rates(b, labels, positive)}
+        results[str(run)] = {"model": torch_side.about.get("model_name"), "threshold": torch_side.decision.threshold,
+                             "splits": splits}
+    return {"runs": results}
+
+
+def case_serve(args, engine: str | None = None) -> dict:
     """`spamclf.serve` on 127.0.0.1 under single-text requests from `c` client threads (each its own keep-alive
-    connection), for each c in SERVE_CONCURRENCY: requests/s, p50/p99 latency, failures, the server's memory."""
+    connection), for each c in SERVE_CONCURRENCY: requests/s, p50/p99 latency, failures, the server's memory.
+    `engine`: as `_model_flags` (serve_int8: "onnx:int8")."""
     import socket
     import threading
 
@@ -264,8 +364,9 @@ def case_serve(args) -> dict:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        command = [sys.executable, "-m", "spamclf.serve", "--ckpt", str(tmp / "model.ckpt"), "--port", str(port),
-                   "--precision", args.predict_precision, "--max-batch-size", "32", "--batch-timeout", "0.005"]
+        engine = engine or f"torch:{args.predict_precision}"
+        command = [sys.executable, "-m", "spamclf.serve", *_model_flags(args, tmp, engine), "--port", str(port),
+                   "--max-batch-size", "32", "--batch-timeout", "0.005"]
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         watched, samples, stop = psutil.Process(server.pid), [], threading.Event()
         try:
@@ -280,8 +381,10 @@ def case_serve(args) -> dict:
                     samples.append(_tree_rss(watched))
                     stop.wait(0.5)
 
+            idle, idle_pss = _tree_rss(watched), _tree_rss(watched, proportional=True)
             threading.Thread(target=sample, daemon=True).start()
-            levels = {c: {**_load(port, texts, c, args.serve_requests), "rss_after": _tree_rss(watched)} for c in SERVE_CONCURRENCY}
+            levels = {c: {**_load(port, texts, c, args.serve_requests), "rss_after": _tree_rss(watched),
+                          "pss_after": _tree_rss(watched, proportional=True)} for c in SERVE_CONCURRENCY}
         finally:
             stop.set()
             server.send_signal(signal.SIGTERM)
@@ -289,7 +392,8 @@ def case_serve(args) -> dict:
                 server.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
-    return {"levels": levels, "peak_rss": max(samples) if samples else 0, "precision": args.predict_precision}
+    return {"levels": levels, "peak_rss": max(samples) if samples else 0, "rss_idle": idle, "pss_idle": idle_pss, "engine": engine,
+            "precision": engine.split(":")[1]}
 
 
 def _load(port: int, texts: list[str], concurrency: int, total: int) -> dict:
@@ -347,7 +451,10 @@ def child(case: str, args) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    cases = {"peer": case_peer, "predict": case_predict, "serve": case_serve}
+    cases = {"peer": case_peer, "predict": case_predict, "serve": case_serve, "cold_start": case_cold_start,
+             "int8_accuracy": case_int8_accuracy,
+             "serve_int8": lambda a: case_serve(a, "onnx:int8"),
+             **{name: (lambda a, e=engine: case_predict(a, e)) for name, engine in PREDICT_ENGINES.items()}}
     result = cases[case](args) if case in cases else case_train(case, args)
     print("BENCH " + json.dumps(result, default=str), flush=True)
 
@@ -357,7 +464,7 @@ def _peak_rss_of(case: str, args) -> tuple[dict, int]:
     """Run a case and read its own peak RSS from the kernel (wait4), not from sampling."""
     command = [sys.executable, "-m", "spamclf.bench", "--child", case, "--epochs", str(args.epochs), "--model", args.model,
                "--predict-lines", str(args.predict_lines), "--accelerator", args.accelerator,
-               "--predict-precision", args.predict_precision, "--serve-requests", str(args.serve_requests),
+               "--predict-precision", args.predict_precision, "--serve-requests", str(args.serve_requests), "--runs", args.runs,
                *(["--profile"] if args.profile else [])]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -415,6 +522,71 @@ def cpu_header() -> str:
             f"precision auto -> {resolve('auto', 'cpu').lightning}")
 
 
+def _report_serve(results: dict, name: str) -> None:
+    gb = 1024**3
+    r, _ = results[name]
+    print(f"\nserver (spamclf.serve, {r.get('engine', r['precision'])}, single-text requests from a Python client on 127.0.0.1, "
+          f"memory of the server's processes loaded and idle: RSS {r.get('rss_idle', 0) / gb:.2f} GB summed, "
+          f"PSS {r.get('pss_idle', 0) / gb:.2f} GB; peak RSS {r['peak_rss'] / gb:.2f} GB):")
+    print(f"  {'concurrency':>11} {'requests':>9} {'failed':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'RSS after GB':>13} {'PSS after GB':>13}")
+    for c, level in r["levels"].items():
+        print(f"  {c:>11} {level['requests']:>9} {level['failed']:>7} {level['rps']:>8.1f} {level['p50_ms']:>8.1f} "
+              f"{level['p99_ms']:>8.1f} {level['rss_after'] / gb:>13.2f} {level.get('pss_after', 0) / gb:>13.2f}")
+    if "predict" in results and name == "serve":
+        cli = results["predict"][0]["lines"] / results["predict"][0]["wall_s"]
+        top = r["levels"][str(max(SERVE_CONCURRENCY))]["rps"] if str(max(SERVE_CONCURRENCY)) in r["levels"] else float("nan")
+        print(f"  at concurrency {max(SERVE_CONCURRENCY)}: {top / cli:.0%} of the CLI's {cli:.0f} messages/s")
+
+
+def int8_kernel() -> str:
+    """The int8 GEMM kernel family ONNX Runtime's MLAS dispatches to on this CPU, from the CPU flags it checks
+    (AMX int8, then AVX512-VNNI, AVX-VNNI, AVX512 core, AVX2)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith(("flags", "Features"))), set())
+    except OSError:
+        pass
+    for flag, name in (("amx_int8", "AMX"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"),
+                       ("avx512bw", "AVX512BW (no VNNI)"), ("avx2", "AVX2 (no VNNI)"), ("asimddp", "ARM dot product")):
+        if flag in flags:
+            return name
+    return "generic (no AVX2)"
+
+
+def _report_engines(results: dict) -> None:
+    """predict over the same file with each engine: messages/s after the model is loaded and with start-up."""
+    gb = 1024**3
+    rows = [(name, *results[name]) for name in ("predict_fp32", "predict", "predict_onnx", "predict_int8") if name in results]
+    if not rows:
+        return
+    import onnxruntime
+
+    base = next((r["lines"] / (r["wall_s"] - r["loaded_s"]) for name, r, _ in rows if name == "predict_fp32"), None)
+    print(f"\nprediction engines (ONNX Runtime {onnxruntime.__version__}, int8 kernels: {int8_kernel()}), "
+          f"{rows[0][1]['lines']} lines each:")
+    print(f"  {'case':<14}{'engine':<12}{'precision':>10}{'load s':>8}{'msg/s loaded':>14}{'msg/s wall':>12}{'peak RSS GB':>13}{'vs fp32':>9}")
+    for name, r, _ in rows:
+        rss = r["peak_rss"]  # the predict process's own, sampled
+        rate = r["lines"] / max(r["wall_s"] - r["loaded_s"], 1e-9)
+        ratio = f"{rate / base:.2f}x" if base else "-"
+        print(f"  {name:<14}{r['engine'].split(':')[0]:<12}{r['precision']:>10}{r['loaded_s']:>8.1f}{rate:>14.1f}"
+              f"{r['lines'] / r['wall_s']:>12.1f}{rss / gb:>13.2f}{ratio:>9}")
+    if "cold_start" in results:
+        for engine, run in results["cold_start"][0]["runs"].items():
+            print(f"  cold start, one message, {engine:<11} median {run['median_s']:.2f} s (min {run['min_s']:.2f}, max {run['max_s']:.2f}) "
+                  f"process start to answer, {run.get('cpu_median_s', float('nan')):.2f} s of CPU")
+
+
+def _report_int8_accuracy(result: dict) -> None:
+    print("\nint8 graph against its fp32 checkpoint (labels at the checkpoint's threshold):")
+    print(f"  {'run':<28}{'split':<12}{'messages':>9}{'agree':>9}{'FPR fp32':>10}{'FPR int8':>10}{'recall fp32':>13}{'recall int8':>13}")
+    for run, r in result["runs"].items():
+        for split, m in r["splits"].items():
+            print(f"  {(r['model'] or '?') + ' ' + Path(run).name:<28}{split:<12}{m['count']:>9}{m['agreement']:>9.2%}"
+                  f"{m['fp32']['fpr']:>10.2%}{m['int8']['fpr']:>10.2%}{m['fp32']['recall']:>13.2%}{m['int8']['recall']:>13.2%}")
+
+
 def report(results: dict, args) -> None:
     gb = 1024**3
     cards = sorted({r[0]["gpu"] for r in results.values() if "gpu" in r[0]})
@@ -454,8 +626,9 @@ def report(results: dict, args) -> None:
     gpu = bool(cards)
     header = (f"{'case':<22}{'precision':>11}{'wall s':>9}{'fit s':>9}{'train ex/s':>12}{'tokens/s':>11}{'peak RSS GB':>13}"
               f"{'GPU GB' if gpu else '':>8}{'test acc':>10}")
-    print(header)
-    print("-" * len(header))
+    if rows:
+        print(header)
+        print("-" * len(header))
     for case, wall, fit, ex, tok, rss, acc, gpu_gb, precision in rows:
         gpu_col = f"{gpu_gb:>8.2f}" if gpu_gb is not None else f"{'':>8}"
         print(f"{case:<22}{precision:>11}{wall:>9.1f}{fit:>9.1f}{ex:>12.1f}{tok:>11.0f}{rss:>13.2f}{gpu_col}{acc if acc is not None else float('nan'):>10.4f}")
@@ -490,18 +663,12 @@ def report(results: dict, args) -> None:
             print(f"  {name:<22} {' '.join(ABLATIONS[name]):<50} wall {r['process_s']:6.1f} s, fit "
                   f"{r['summary']['timings']['fit_s']:6.1f} s, peak RSS {rss / gb:.2f} GB, test acc "
                   f"{r['summary'].get('test', {}).get('acc', float('nan')):.4f}{ratio}")
-    if "serve" in results:
-        r, _ = results["serve"]
-        print(f"\nserver (spamclf.serve, {r['precision']}, single-text requests from a Python client on 127.0.0.1, "
-              f"peak RSS of the server's processes {r['peak_rss'] / gb:.2f} GB):")
-        print(f"  {'concurrency':>11} {'requests':>9} {'failed':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'RSS after GB':>13}")
-        for c, level in r["levels"].items():
-            print(f"  {c:>11} {level['requests']:>9} {level['failed']:>7} {level['rps']:>8.1f} {level['p50_ms']:>8.1f} "
-                  f"{level['p99_ms']:>8.1f} {level['rss_after'] / gb:>13.2f}")
-        if "predict" in results:
-            cli = results["predict"][0]["lines"] / results["predict"][0]["wall_s"]
-            top = r["levels"][str(max(SERVE_CONCURRENCY))]["rps"] if str(max(SERVE_CONCURRENCY)) in r["levels"] else float("nan")
-            print(f"  at concurrency {max(SERVE_CONCURRENCY)}: {top / cli:.0%} of the CLI's {cli:.0f} messages/s")
+    for name in ("serve", "serve_int8"):
+        if name in results:
+            _report_serve(results, name)
+    _report_engines(results)
+    if "int8_accuracy" in results:
+        _report_int8_accuracy(results["int8_accuracy"][0])
     if "predict" in results:
         r, rss = results["predict"]
         rate = r["lines"] / r["wall_s"]
@@ -526,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-requests", type=int, default=2000, help="requests per concurrency level in the serve case")
     parser.add_argument("--profile", action="store_true",
                         help="profile the training cases' steps (Lightning's SimpleProfiler) and print where a step's time goes")
+    parser.add_argument("--runs", default="", help="int8_accuracy: comma-separated run folders (checkpoints/last.ckpt, "
+                        "validation.csv, test.csv, natural.csv)")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

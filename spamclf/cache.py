@@ -19,7 +19,8 @@ import torch
 from spamclf.batching import length_batches
 from spamclf.heads import Readout, frozen_prefix_depth
 from spamclf.kernels import onednn_bf16_inference
-from spamclf.packing import packed_prefix, release_freed_memory
+from spamclf.memory import release_freed_memory
+from spamclf.packing import packed_prefix
 from spamclf.precision import dtype_of
 from spamclf.progress import progress_bar
 

@@ -2,6 +2,7 @@
 
     python -m spamclf.export --ckpt CKPT --out DIR --format hf     # transformers' GPT2ForSequenceClassification
     python -m spamclf.export --ckpt CKPT --out DIR --format onnx   # DIR/model.onnx for ONNX Runtime
+    python -m spamclf.export --ckpt CKPT --out DIR --format onnx --quantize int8   # int8 weights, ~4x smaller
 
 hf: `AutoModelForSequenceClassification.from_pretrained(DIR)` and `pipeline("text-classification", model=DIR)`
 load it as it is. transformers' GPT-2 classifier reads the last non-padding token through a `score` layer
@@ -12,7 +13,9 @@ calibration temperature into the score weights. LoRA adapters are merged into th
 onnx: inputs `input_ids` [batch, length] (int64, right-padded with <|endoftext|> = 50256 as the run padded:
 to `pad_length` when the model's metadata gives one, else to any width) and `lengths` [batch] (real tokens per
 row); output `logits` [batch, classes] (temperature applied). The metadata holds the label names, the padding
-rule and the decision threshold.
+rule, the pooling, the decision and the checkpoint it came from; `spamclf.onnx_classifier` runs it without torch.
+`--quantize int8` stores the linear layers' weights as int8 (dynamic quantization) and compares the int8 graph's
+labels with the checkpoint's on the run's validation split (`validation.csv` beside `checkpoints/`).
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spamclf.agreement import report_agreement
 from spamclf.errors import SpamclfError
 from spamclf.inference import Classifier
 from spamclf.io import atomic_folder
 
 FORMATS = ("hf", "onnx")
+QUANTIZE = ("int8",)
 
 
 def _merged_body(clf: Classifier) -> nn.Module:
@@ -109,26 +114,65 @@ class _OnnxClassifier(nn.Module):
         return self.readout.logits(self.model, input_ids, lengths) / self.temperature
 
 
-def export_onnx(clf: Classifier, out: Path) -> Path:
-    import onnx
+def onnx_metadata(clf: Classifier, quantization: str) -> dict[str, str]:
+    """What a graph needs besides its tensors to classify as the checkpoint does (read by `spamclf.onnx_classifier`)."""
+    from spamclf.io import file_sha256
 
+    source = {**clf.about, "sha256": file_sha256(clf.about["checkpoint"])} if clf.about.get("checkpoint") else clf.about
+    readout = {"pooling": clf.readout.pooling, "causal": clf.readout.causal, "pooled_only": clf.readout.pooled_only}
+    return {"label_names": json.dumps(clf.label_names), "padding": json.dumps(clf.tokenization),
+            "positive_label": clf.decision.positive_label, "threshold": str(clf.decision.threshold),
+            "decision": json.dumps(clf.decision.as_dict()), "pad_id": "50256", "readout": json.dumps(readout),
+            "context_length": str(clf.model.cfg.context_length), "quantization": quantization,
+            "source": json.dumps(source, default=str)}
+
+
+def trace_onnx(clf: Classifier, path: Path) -> None:
+    """The classifier as an fp32 ONNX graph at `path` (torch.onnx.export, dynamo): dynamic batch, and dynamic
+    length unless the run padded to a fixed width."""
     wrapper = _OnnxClassifier(clf)
     tokenization = clf.tokenization
     width = tokenization.get("pad_length") or 16
     example = (torch.full((2, width), 50256, dtype=torch.long), torch.tensor([width, max(1, width // 2)]))
     batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1, max=clf.model.cfg.context_length)
     dynamic = {"input_ids": {0: batch} if tokenization.get("pad_length") else {0: batch, 1: length}, "lengths": {0: batch}}
+    program = torch.onnx.export(wrapper, example, input_names=["input_ids", "lengths"], output_names=["logits"],
+                                dynamic_shapes=dynamic, dynamo=True, verbose=False)
+    program.save(str(path))
+
+
+def quantize_int8(path: Path) -> None:
+    """Dynamic int8 weights in place (ONNX Runtime's `quantize_dynamic`): the MatMuls with constant weights (every
+    linear layer) get int8 weights and quantize their activations per batch; attention's activation-by-activation
+    MatMuls and the embeddings stay fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = path.with_name("fp32.onnx")
+    path.rename(fp32)
+    quantize_dynamic(fp32, path, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                     extra_options={"MatMulConstBOnly": True})
+    fp32.unlink()
+
+
+def write_metadata(path: Path, entries: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in entries.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+def export_onnx(clf: Classifier, out: Path, quantize: str | None = None) -> Path:
     with atomic_folder(out) as tmp:
-        program = torch.onnx.export(wrapper, example, input_names=["input_ids", "lengths"], output_names=["logits"],
-                                    dynamic_shapes=dynamic, dynamo=True, verbose=False)
-        program.save(str(tmp / "model.onnx"))
-        model = onnx.load(str(tmp / "model.onnx"))
-        for key, value in {"label_names": json.dumps(clf.label_names), "padding": json.dumps(tokenization),
-                           "positive_label": clf.decision.positive_label, "threshold": str(clf.decision.threshold),
-                           "decision": json.dumps(clf.decision.as_dict()), "pad_id": "50256"}.items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(model, str(tmp / "model.onnx"))
+        trace_onnx(clf, tmp / "model.onnx")
+        if quantize == "int8":
+            quantize_int8(tmp / "model.onnx")
+        write_metadata(tmp / "model.onnx", onnx_metadata(clf, quantize or "none"))
+        if quantize:
+            report_agreement(clf, tmp / "model.onnx")
     return out / "model.onnx"
 
 
@@ -137,10 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     parser.add_argument("--out", required=True, help="folder to create (hf: the model folder; onnx: holds model.onnx)")
     parser.add_argument("--format", choices=FORMATS, required=True)
+    parser.add_argument("--quantize", choices=QUANTIZE, help="onnx only: int8 = dynamic int8 weights (ONNX Runtime)")
     args = parser.parse_args(argv)
     try:
+        if args.quantize and args.format != "onnx":
+            raise SpamclfError(f"--quantize {args.quantize} applies to --format onnx only; drop --quantize or use --format onnx")
         clf = Classifier.load(args.ckpt, precision="fp32")
-        written = export_hf(clf, Path(args.out)) if args.format == "hf" else export_onnx(clf, Path(args.out))
+        written = export_hf(clf, Path(args.out)) if args.format == "hf" else export_onnx(clf, Path(args.out), args.quantize)
     except SpamclfError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 
+from spamclf.answers import answer
 from spamclf.decision import Decision, Prediction, load_decision
 from spamclf.errors import CheckpointError, SpamclfError
 from spamclf.gpt2 import GPT2
 from spamclf.heads import Readout, classifier_network
 from spamclf.io import file_sha256
 from spamclf.kernels import onednn_bf16_inference
-from spamclf.packing import packed_prefix, release_freed_memory
+from spamclf.memory import release_freed_memory
+from spamclf.packing import packed_prefix
 from spamclf.precision import Precision, resolve
-from spamclf.tokenizer import encode_truncated
 
 log = logging.getLogger(__name__)
 NETWORK_KEYS = ("model_name", "weights", "weights_path", "trainable_layers", "lora_rank", "lora_alpha", "drop_rate", "causal")
@@ -123,11 +124,7 @@ class Classifier:
         A message's probability does not depend on what it is batched with: fixed padding pads every message
         alike, per-batch padding is only used with poolings that never read padding, and with pooling=last and
         per-batch padding messages are batched only with others of the same length."""
-        distinct = list(dict.fromkeys(str(t) for t in texts))
-        ids, truncated = encode_truncated(distinct, self.width)
-        probs = self._probabilities(ids, batch_tokens, progress)
-        answer = {text: (p, cut) for text, p, cut in zip(distinct, probs, truncated)}
-        return [self.decision.predict(str(text), *answer[str(text)]) for text in texts]
+        return answer(texts, self.width, self.decision, lambda ids: self._probabilities(ids, batch_tokens, progress))
 
     def _probabilities(self, ids: list[list[int]], batch_tokens: int, progress) -> list[list[float]]:
         stored = [self.pad_length or len(row) for row in ids]

@@ -4,7 +4,6 @@ classifier's prediction both run through `packed_prefix`."""
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -59,11 +58,3 @@ def packed_prefix(model, ids: Sequence[Sequence[int]], stored: Sequence[int], de
         x = model.embed(input_ids.to(device)).flatten(0, 1).index_select(0, packed.index)
         hidden = model.run_blocks(F.pad(x, (0, 0, 0, filled_rows(n) - n)), 0, depth, valid, packed=packed)
         yield PrefixBatch(rows, input_ids, lengths, packed, hidden[:n])
-
-
-def release_freed_memory() -> None:
-    """Hand the activations' freed heap back to the OS (glibc keeps fragmented frees otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass

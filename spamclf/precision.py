@@ -21,6 +21,7 @@ from functools import cache, lru_cache
 import torch
 
 from spamclf.errors import InvalidOption, SpamclfError
+from spamclf.precision_names import CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,6 @@ def cpu_bf16_summary() -> str:
 
 
 # ----------------------------------------------------------------------------------------- precision
-CHOICES = ("auto", "bf16", "fp16", "fp32")  # what the command lines offer; Lightning's own names work too
 _LIGHTNING = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
 _LIGHTNING_NAMES = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64",
                     "transformer-engine", "transformer-engine-float16")

@@ -2,6 +2,7 @@
 
     python -m spamclf.predict --ckpt logs/train/runs/<run>/checkpoints/last.ckpt --text "WIN a prize!" --text "see you at 5"
     python -m spamclf.predict --ckpt CKPT --input messages.csv [--text-column text] --output predictions.jsonl
+    python -m spamclf.predict --onnx DIR/model.onnx --input messages.txt     # ONNX Runtime, no torch imported
 
 Input files are streamed in chunks, so memory stays flat however long the file is: `.txt` holds one
 message per line; `.csv`/`.tsv` need a header naming the text column, except header-less
@@ -18,9 +19,9 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
+from spamclf.engines import add_model_flags, load_engine
 from spamclf.errors import DataError, SpamclfError
 from spamclf.io import atomic_file
-from spamclf.precision import CHOICES
 from spamclf.progress import progress_bar
 
 csv.field_size_limit(2**31 - 1)
@@ -86,7 +87,7 @@ def predict_stream(classifier, texts: Iterable[str], out, batch_tokens: int = 20
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spamclf.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    add_model_flags(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a message to classify (repeatable)")
     source.add_argument("--input", help=".txt (one message per line), .csv or .tsv file")
@@ -95,15 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoding", default="utf-8")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per batch (short messages go many to a batch)")
     parser.add_argument("--chunk-size", type=int, default=4096, help="messages read from --input at a time")
-    parser.add_argument("--precision", choices=CHOICES, default="auto",
-                        help="auto: bf16 where the CPU (AMX, AVX512-BF16) or GPU runs it natively, else fp32 (fp16 on GPUs without bf16)")
     parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="the same as --precision bf16")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     args = parser.parse_args(argv)
     try:
-        from spamclf.inference import Classifier
-
         target = None if args.output is None else Path(args.output)
         if target is not None and not target.parent.is_dir():
             raise DataError(f"{target.parent}: output folder does not exist; create it or fix --output")
@@ -112,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         else:  # one cheap pass first: the bar's total, and a bad file fails before the model loads
             total = sum(1 for _ in iter_texts(args.input, args.text_column, args.encoding))
             texts = iter_texts(args.input, args.text_column, args.encoding)
-        classifier = Classifier.load(args.ckpt, device=args.device, precision=args.precision)
+        classifier = load_engine(args)
         precision = classifier.precision
         print(f"precision {precision.requested} -> {precision.name}: {precision.reason}", file=sys.stderr)
         with progress_bar("classifying", total, enabled=not args.no_progress and args.input is not None) as advance:

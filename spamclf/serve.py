@@ -1,13 +1,15 @@
 """Serve a trained checkpoint over HTTP, with dynamic batching (LitServe).
 
     python -m spamclf.serve --ckpt logs/train/runs/<run>/checkpoints/last.ckpt [--port 8000]
+    python -m spamclf.serve --onnx DIR/model.onnx      # an exported graph in ONNX Runtime: no torch imported
     curl -s localhost:8000/predict -H 'Content-Type: application/json' -d '{"text": "WINNER! Claim your prize"}'
 
 `POST /predict` takes {"text": "..."} or {"texts": ["...", ...]} and answers with the objects that
 `spamclf.predict` writes, in order ({"predictions": [...]} for "texts"). Requests that arrive together
 (up to --max-batch-size, waiting at most --batch-timeout seconds) are classified in one call of
-`Classifier.predict`, the same packed path as the CLI, at the precision `auto` picks for the
-hardware. `GET /health` is 200 once the model is loaded; `GET /info` describes the model.
+the engine's `predict` (`Classifier` or `OnnxClassifier`), the same path as the CLI, at the precision `auto`
+picks for the hardware. `GET /` is a page to try it in a browser (`spamclf.page`); `GET /health` is 200
+once the model is loaded; `GET /info` describes the model.
 
 Requests are checked before they reach the model (FastAPI + pydantic): a body that is not JSON, without
 "text"/"texts", with a non-string, an empty list or more than --max-texts texts is a 422 naming the
@@ -17,13 +19,16 @@ problem; a body over --max-body-bytes is a 413. The server goes on serving.
 import argparse
 import signal
 import sys
+from argparse import Namespace
 from typing import ClassVar
 
 import litserve as ls
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from spamclf.engines import add_model_flags, load_engine
 from spamclf.errors import SpamclfError
-from spamclf.precision import CHOICES
+from spamclf.memory import release_freed_memory
+from spamclf.page import page_middleware
 
 
 class PredictRequest(BaseModel):
@@ -47,16 +52,16 @@ class PredictRequest(BaseModel):
 
 
 class SpamClassifierAPI(ls.LitAPI):
-    """LitServe's view of a checkpoint: decode → batch → `Classifier.predict` → unbatch → encode."""
+    """LitServe's view of a model: decode → batch → the engine's `predict` → unbatch → encode. `source`: the
+    flags `spamclf.engines.load_engine` reads (ckpt or onnx, precision)."""
 
-    def __init__(self, ckpt: str, precision: str = "auto", batch_tokens: int = 2048, **kwargs):
+    def __init__(self, source: dict, batch_tokens: int = 2048, **kwargs):
         super().__init__(**kwargs)
-        self.ckpt, self.precision, self.batch_tokens = ckpt, precision, batch_tokens
+        self.source, self.batch_tokens = dict(source), batch_tokens
 
     def setup(self, device):
-        from spamclf.inference import Classifier
-
-        self.model = Classifier.load(self.ckpt, device=device, precision=self.precision)
+        on_device = {} if self.source.get("onnx") else {"device": str(device)}
+        self.model = load_engine(Namespace(**{**self.source, **on_device}))
         self.model.predict(["warm-up"])  # kernels built off the clock
 
     def decode_request(self, request: PredictRequest) -> tuple[list[str], bool]:
@@ -78,23 +83,26 @@ class SpamClassifierAPI(ls.LitAPI):
         return {"predictions": results} if many else results[0]
 
 
-def build_server(ckpt: str, precision: str = "auto", max_batch_size: int = 32, batch_timeout: float = 0.01,
-                 max_body_bytes: int = 1 << 20, batch_tokens: int = 2048, device: str = "cpu", timeout: float = 30,
-                 max_texts: int = 256):
-    from spamclf.inference import Classifier
-
+def build_server(source: dict, max_batch_size: int = 32, batch_timeout: float = 0.01, max_body_bytes: int = 1 << 20,
+                 batch_tokens: int = 2048, timeout: float = 30, max_texts: int = 256):
+    """`source`: {"ckpt" or "onnx": path, "precision": ..., "device": ...} as the command line gives them."""
+    source = {"ckpt": None, "onnx": None, "precision": None, "device": None, **source}
     # Read once here for /info (a bad file fails here, in one line); the inference worker loads its own copy.
-    info = Classifier.load(ckpt, device=device, precision=precision).info()
+    engine = load_engine(Namespace(**source))
+    info = {**engine.info(), "limits": {"max_texts": max_texts, "max_body_bytes": max_body_bytes}}
+    del engine
+    release_freed_memory()  # this process (and the API servers LitServe forks from it) no longer holds the model
     PredictRequest.max_texts = max_texts
-    api = SpamClassifierAPI(ckpt, precision, batch_tokens, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    api = SpamClassifierAPI(source, batch_tokens, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    device = source["device"] or "cpu"
     accelerator = "cuda" if device.startswith("cuda") else device
     return ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=timeout,
-                        model_metadata=info, max_payload_size=max_body_bytes)
+                        model_metadata=info, max_payload_size=max_body_bytes, middlewares=[page_middleware()])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spamclf.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    add_model_flags(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface, reachable by others)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=32, help="requests classified together at most")
@@ -102,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-texts", type=int, default=256, help='most texts in one request\'s "texts"')
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per model batch (as spamclf.predict)")
-    parser.add_argument("--precision", choices=CHOICES, default="auto")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     args = parser.parse_args(argv)
     for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-texts", args.max_texts),
                         ("--max-body-bytes", args.max_body_bytes)):
@@ -112,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_timeout < 0:
         parser.error("--batch-timeout must be 0 or more")
     try:
-        server = build_server(args.ckpt, args.precision, args.max_batch_size, args.batch_timeout, args.max_body_bytes,
-                              args.batch_tokens, args.device, max_texts=args.max_texts)
+        source = {"ckpt": args.ckpt, "onnx": args.onnx, "precision": args.precision, "device": args.device}
+        server = build_server(source, args.max_batch_size, args.batch_timeout, args.max_body_bytes, args.batch_tokens,
+                              max_texts=args.max_texts)
     except SpamclfError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -97,3 +97,68 @@ def classifier_of(module, tokenization: dict, precision: str = "fp32"):
     from spamclf.precision import resolve
 
     return Classifier(module.model, module.readout, module.decision, tokenization, resolve(precision), torch.device("cpu"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_request(url, body=None, raw=None, timeout=30):
+    """(status, JSON or text) of a GET (no body) or a JSON POST; HTTP errors answered, not raised."""
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            payload = response.read()
+            return response.status, json.loads(payload or b"null") if response.headers.get_content_type() == "application/json" else payload.decode()
+    except urllib.error.HTTPError as e:
+        payload = e.read()
+        try:
+            return e.code, json.loads(payload)
+        except ValueError:
+            return e.code, payload.decode(errors="replace")
+
+
+def start_server(args: list[str], log_path: Path, cwd: Path, wait_s: float = 180):
+    """`python -m spamclf.serve ARGS --port P` in its own session; returns (base URL, process) once /health is 200."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    port = free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "spamclf.serve", *args, "--port", str(port)], cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log_path.read_text()[-2000:]}")
+        try:
+            if http_request(base + "/health", timeout=2)[0] == 200:
+                return base, proc
+        except OSError:
+            pass
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"server not healthy within {wait_s:.0f} s")
+
+
+def stop_server(proc) -> None:
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

@@ -24,7 +24,13 @@ def test_the_inference_side_imports_no_training_framework(module):
 
 
 def test_decisions_and_batch_plans_need_no_torch():
-    assert "torch" not in _imported_after("import spamclf.decision, spamclf.batching, spamclf.tokenizer")
+    assert "torch" not in _imported_after("import spamclf.decision, spamclf.batching, spamclf.tokenizer, spamclf.answers")
+
+
+def test_the_onnx_path_and_the_front_ends_import_no_torch():
+    """predict/serve --onnx run without torch: the front ends import the torch side only when --ckpt is used."""
+    assert "torch" not in _imported_after("import spamclf.onnx_classifier, spamclf.engines, spamclf.predict, spamclf.serve, "
+                                          "spamclf.page, spamclf.agreement")
 
 
 def _imports(path: Path) -> set[str]:
