@@ -291,7 +291,8 @@ def test_benchmark_runs_in_tiny_mode():
     assert fast.split()[1] == auto and next(line for line in lines if line.startswith("ch06 ")).split()[1] == "32-true"
     assert f"prediction ({ {'bf16-mixed': 'bf16', '32-true': 'fp32'}[auto]})" in proc.stdout
     served = proc.stdout.split("server (spamclf.serve")[1].splitlines()
-    levels = [line.split() for line in served[2:5]]
-    assert [int(r[0]) for r in levels] == [1, 8, 32] and all(int(r[2]) == 0 and float(r[3]) > 0 for r in levels)
+    levels = [line.split() for line in served[2:6]]
+    assert [int(r[0]) for r in levels] == [1, 8, 32, 128] and all(int(r[2]) == 0 and float(r[3]) > 0 for r in levels)
+    assert all(r[-1].endswith("%") and 0 <= float(r[-1][:-1]) <= 200 for r in levels)  # the client's own CPU share
     bad = subprocess.run([sys.executable, "-m", "spamclf.bench", "--cases", "warp"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown" in bad.stderr
