@@ -192,10 +192,25 @@ class GPT2(nn.Module):
             self.reset_parameters()
 
     @classmethod
+    def empty(cls, cfg: GPTConfig) -> GPT2:
+        """A model whose tensors are not allocated (meta) and not initialised: for loading every tensor next.
+        The layers' own initialisers are skipped while it is built: on meta tensors `normal_` runs through a
+        Python reference implementation whose first call imports torch's compiler (~1 s)."""
+        layers = (nn.Linear, nn.Embedding, nn.LayerNorm)
+        saved = [layer.reset_parameters for layer in layers]
+        try:
+            for layer in layers:
+                layer.reset_parameters = lambda self: None
+            with torch.device("meta"):
+                return cls(cfg)
+        finally:
+            for layer, reset in zip(layers, saved):
+                layer.reset_parameters = reset
+
+    @classmethod
     def random(cls, cfg: GPTConfig) -> GPT2:
         """A randomly initialised model, initialised once (not first by PyTorch's defaults, then by GPT-2's)."""
-        with torch.device("meta"):
-            model = cls(cfg)
+        model = cls.empty(cfg)
         model.to_empty(device="cpu")
         model.out_head.weight = model.tok_emb.weight
         model.reset_parameters()

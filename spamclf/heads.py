@@ -36,8 +36,7 @@ def classifier_network(model_name: str, num_classes: int, weights: str = "pretra
     elif init:
         model = GPT2.random(preset(model_name, **overrides))
     else:
-        with torch.device("meta"):
-            model = GPT2(preset(model_name, **overrides))
+        model = GPT2.empty(preset(model_name, **overrides))
     replace_head(model, num_classes)
     apply_trainable_layers(model, trainable_layers, lora_rank, lora_alpha)
     return model

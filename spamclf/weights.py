@@ -47,8 +47,7 @@ def load_pretrained(source: str | os.PathLike = "gpt2-small", config: GPTConfig 
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
     config = replace(config or _config_for(source, config_json, state), **overrides)
-    with torch.device("meta"):
-        model = GPT2(config)
+    model = GPT2.empty(config)
     model.load_state_dict(convert_hf_state_dict(state, model, str(weights)), strict=True, assign=True)
     if "lm_head.weight" not in {k.removeprefix("transformer.") for k in state}:
         model.out_head.weight = model.tok_emb.weight
