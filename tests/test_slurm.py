@@ -87,6 +87,10 @@ def test_preemption_exits_75_requeues_and_resumes_in_the_same_folder(sweep, slur
         while "BeginTime" not in _slurm(slurm_cluster, "squeue", "-h", "-j", job[0], "-o", "%r"):
             assert proc.poll() is None and time.monotonic() < deadline, "the job was not requeued"
             time.sleep(0.2)
+        # Released at once, the job can land on the node while slurmd still holds the old run's revoked credential
+        # (it compares whole seconds): that start is refused ("Job credential revoked") and the job ends with no
+        # result. A few seconds later the new credential is valid.
+        time.sleep(3)
         deadline = time.monotonic() + 240
         while (state := _slurm(slurm_cluster, "squeue", "-h", "-j", job[0], "-o", "%T %r").strip()).startswith("PENDING"):
             # released until the scheduler starts it (on a busy machine one release can be missed)
