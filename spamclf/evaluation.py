@@ -25,10 +25,7 @@ from torchmetrics.functional.classification import (
 
 from spamclf.decision import Decision
 from spamclf.errors import SpamclfError
-
-
-def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    return (logits.float() / temperature).softmax(-1)
+from spamclf.inference import probabilities  # the one temperature-scaled softmax, shared with prediction
 
 
 def decide(probs: torch.Tensor, decision: Decision) -> torch.Tensor:

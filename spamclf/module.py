@@ -27,9 +27,9 @@ from torchmetrics.classification import (
 from spamclf.cache import CACHE_DTYPES, SplitCaches
 from spamclf.decision import Decision, load_decision
 from spamclf.errors import InvalidOption
-from spamclf.evaluation import Evaluated, choose_decision, gathered, operating_point, probabilities
+from spamclf.evaluation import Evaluated, choose_decision, gathered, operating_point
 from spamclf.heads import Readout, classifier_network, count_parameters
-from spamclf.inference import check_base_weights, checkpoint_errors
+from spamclf.inference import check_base_weights, checkpoint_errors, probabilities
 from spamclf.splits import NATURAL
 
 log = logging.getLogger(__name__)
