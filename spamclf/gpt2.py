@@ -76,9 +76,12 @@ class MultiHeadAttention(nn.Module):
             return self.out_proj(self._attend(*self._heads(self.qkv(x), 3), attn_mask))
         rows = torch.arange(b, device=x.device)
         if isinstance(self.qkv, nn.Linear):  # not an adapter wrapper (LoRA): compute only the queries asked for
-            weight, bias = self.qkv.weight, self.qkv.bias
-            (q,) = self._heads(F.linear(at_positions(x, at)[:, None], weight[:d], None if bias is None else bias[:d]), 1)
-            k, v = self._heads(F.linear(x, weight[d:], None if bias is None else bias[d:]), 2)
+            # split, not two slices: backward then joins the two gradients into one tensor instead of zero-filling
+            # and adding two full-size ones
+            w_q, w_kv = self.qkv.weight.split([d, 2 * d])
+            b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([d, 2 * d])
+            (q,) = self._heads(F.linear(at_positions(x, at)[:, None], w_q, b_q), 1)
+            k, v = self._heads(F.linear(x, w_kv, b_kv), 2)
         else:  # adapter-wrapped (LoRA): its own forward, then one query per row
             q, k, v = self._heads(self.qkv(x), 3)
             q = q[rows, :, at][:, :, None]

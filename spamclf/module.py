@@ -76,11 +76,12 @@ class SpamClassifier(L.LightningModule):
         self.trainable, self.total = count_parameters(self.model)
         log.info("%s (%s): %s of %s parameters trainable (%s)", model_name, weights, f"{self.trainable:,}",
                  f"{self.total:,}", trainable_layers)
-        if compile:
+        if compile:  # with the prefix cache, frozen blocks run once per message through oneDNN's kernels, uncompiled
             for block in self.model.trf_blocks:
-                block.compile()
+                if not prefix_cache or any(p.requires_grad for p in block.parameters()):
+                    block.compile()
         self.metrics = torch.nn.ModuleDict({f"{name}_metrics": _metrics(len(label_names), f"{name}/")
-                                            for name in ("train", *EVALUATED)})
+                                            for name in EVALUATED})
         # Evaluation losses as weighted means synced across ranks: exact under DDP, whatever the shard sizes.
         self.losses = torch.nn.ModuleDict({name: MeanMetric() for name in EVALUATED})
         self.caches = SplitCaches(prefix_cache, cache_dtype, cache_max_memory_mb)
@@ -124,10 +125,11 @@ class SpamClassifier(L.LightningModule):
         with self.trainer.profiler.profile("step: loss"):
             loss = F.cross_entropy(logits.float(), batch["labels"])
         with self.trainer.profiler.profile("step: metrics and logging"):
-            metrics = self.metrics["train_metrics"]
-            metrics["acc"](logits.detach().float(), batch["labels"])
-            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
-            self.log("train/acc", metrics["acc"], on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+            # Plain tensors, not a metric object (whose per-step forward copies its state): Lightning's epoch value
+            # is their batch-size-weighted mean, the epoch's exact accuracy and mean loss, summed over ranks.
+            acc = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
+            self.log_dict({"train/loss": loss, "train/acc": acc}, on_step=True, on_epoch=True, prog_bar=True,
+                          batch_size=len(logits), sync_dist=True)
         return loss
 
     def _evaluate(self, batch: dict, name: str) -> None:

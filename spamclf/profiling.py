@@ -1,6 +1,7 @@
 """Where a training step's time goes: Lightning's SimpleProfiler, whose per-action durations (Lightning's own
 hooks, and the sections `SpamClassifier.training_step` marks with `trainer.profiler.profile`) are also written as
-JSON for the benchmark (`python -m spamclf.bench --profile`) to read.
+JSON for the benchmark (`python -m spamclf.bench --profile`) to read; `OpProfile` splits a window of steps
+into the ops torch.profiler sees (matrix products, autocast's casts, AdamW, ...) and the Python around them.
 
     python train.py experiment=fast +trainer.profiler._target_=spamclf.profiling.StepProfiler +trainer.profiler.dirpath=prof
 """
@@ -8,8 +9,11 @@ JSON for the benchmark (`python -m spamclf.bench --profile`) to read.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.profilers import SimpleProfiler
 
 from spamclf.io import write_json
@@ -60,3 +64,51 @@ def step_table(durations: dict[str, list[float]]) -> list[tuple[str, float, floa
 
 def read_profile(path: Path) -> dict[str, list[float]]:
     return json.loads(Path(path).read_text())
+
+
+# What the ops of a training step are, by their names in torch.profiler (self time, so nothing counts twice).
+OP_KINDS = (
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")),
+    ("copies and dtype casts (autocast)", ("aten::copy_",)),
+    ("AdamW (fused)", ("aten::_fused_adamw_",)),
+    ("attention", ("scaled_dot_product",)),
+    ("zero-fills", ("aten::fill_", "aten::zero_")),
+)
+
+
+class OpProfile(Callback):
+    """torch.profiler over `steps` training batches from global step `start`: the step's ops by kind, and the
+    rest of its wall time (Python, Lightning, the autograd engine), as `<dirpath>/ops-profile.json`."""
+
+    def __init__(self, dirpath: str, start: int = 200, steps: int = 50):
+        self.dirpath, self.start, self.steps = dirpath, start, steps
+        self._profiler, self._began = None, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.start and self._profiler is None:
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._profiler.__enter__()
+            self._began = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._profiler is None or trainer.global_step < self.start + self.steps:
+            return
+        wall = time.perf_counter() - self._began
+        self._profiler.__exit__(None, None, None)
+        self_ms = {e.key: e.self_cpu_time_total / 1000 for e in self._profiler.key_averages()}
+        self._profiler = None
+        write_json(Path(self.dirpath) / "ops-profile.json", {"steps": self.steps, "wall_ms": 1000 * wall, "ops_ms": self_ms})
+
+
+def op_table(profile: dict) -> list[tuple[str, float, float]]:
+    """(kind, ms per step, share of the step's wall time) from an OpProfile file."""
+    steps, wall = profile["steps"], profile["wall_ms"]
+    ops = {name: ms for name, ms in profile["ops_ms"].items() if "::" in name}  # ops, not record_function ranges
+    rows, counted = [], 0.0
+    for kind, names in OP_KINDS:
+        ms = sum(v for k, v in ops.items() if any(n in k for n in names))
+        rows.append((kind, ms))
+        counted += ms
+    rows.append(("other ops", sum(ops.values()) - counted))
+    rows.append(("Python, Lightning, autograd engine", max(0.0, wall - sum(ops.values()))))
+    return [(kind, ms / steps, ms / wall) for kind, ms in rows]

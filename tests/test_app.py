@@ -276,7 +276,7 @@ def test_train_false_evaluates_a_checkpoint(trained_ckpt, tmp_path):
 @pytest.mark.hardware
 def test_benchmark_runs_in_tiny_mode():
     proc = subprocess.run([sys.executable, "-m", "spamclf.bench", "--model", "gpt2-tiny", "--epochs", "1",
-                           "--cases", "ch06,fast,predict,serve", "--predict-lines", "300", "--serve-requests", "40"],
+                           "--cases", "ch06,fast,predict,serve", "--predict-lines", "300", "--serve-requests", "40", "--profile"],
                           cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -289,6 +289,18 @@ def test_benchmark_runs_in_tiny_mode():
     assert f"precision auto -> {auto}" in proc.stdout and "GFLOP/s" in proc.stdout.split("CPU:")[1].splitlines()[0]
     fast = next(line for line in lines if line.startswith("fast "))
     assert fast.split()[1] == auto and next(line for line in lines if line.startswith("ch06 ")).split()[1] == "32-true"
+    wall, fit, outside = (float(v) for v in fast.split()[2:5])
+    assert outside == pytest.approx(wall - fit, abs=0.11) and 0 < outside < wall
+    # --profile: a step by part (Lightning's profiler), then the same steps by op kind (torch.profiler), whose
+    # shares cover the profiled steps' wall time
+    profile = proc.stdout.split("profile of fast:")[1].split("profile of")[0].splitlines()
+    parts = {line[:38].strip(): float(line.split()[-2]) for line in profile[2:] if line.strip().endswith("%")}
+    assert parts["forward (suffix)"] > 0 and parts["backward"] > 0 and parts["optimizer update (AdamW)"] > 0
+    ops = profile[profile.index(next(line for line in profile if "by op" in line)) + 1:]
+    shares = {line[:38].strip(): float(line.split()[-1][:-1]) for line in ops if line.strip().endswith("%")}
+    assert {"matrix products", "copies and dtype casts (autocast)", "AdamW (fused)",
+            "Python, Lightning, autograd engine"} <= set(shares) and shares["matrix products"] > 0
+    assert sum(shares.values()) == pytest.approx(100, abs=3)
     assert f"prediction ({ {'bf16-mixed': 'bf16', '32-true': 'fp32'}[auto]})" in proc.stdout
     served = proc.stdout.split("server (spamclf.serve")[1].splitlines()
     levels = [line.split() for line in served[2:6]]
