@@ -142,7 +142,10 @@ class Classifier:
                     probs[i] = p
                 if progress is not None:
                     progress(len(batch.rows))
-        release_freed_memory()  # else glibc keeps the activations' fragmented heap: memory would creep up per chunk
+        if sum(stored) > batch_tokens:
+            # Many batches leave glibc holding a fragmented heap (memory would creep up per chunk); one batch (a
+            # server's) is not trimmed: the next call reuses it, where a trim would fault it in again (~10 ms).
+            release_freed_memory()
         return probs
 
     def info(self) -> dict:
