@@ -63,10 +63,16 @@ class PrefixCache:
         lengths = dataset.lengths
         widest = max(lengths)
         stored = [pad_length or (widest if pooling == "last" else n) for n in lengths]
-        batches = length_batches(stored, tokens=tokens_per_batch)
+        # A repeated message (the SMS collection repeats ~7% of its texts) is computed once; its copies read the
+        # same stored states, as they would read equal ones.
+        first: dict[tuple, int] = {}
+        distinct = [r for r in range(len(stored)) if first.setdefault((stored[r], tuple(dataset.ids[r])), r) == r]
+        batches = length_batches(stored, distinct, tokens=tokens_per_batch)
         starts, position = [0] * len(stored), 0  # rows are stored in build order: one copy per batch
         for r in (r for rows in batches for r in rows):
             starts[r], position = position, position + stored[r]
+        for r in range(len(stored)):
+            starts[r] = starts[first[(stored[r], tuple(dataset.ids[r]))]]
         shape = (position, model.cfg.emb_dim)
         nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
         path = None
@@ -84,12 +90,14 @@ class PrefixCache:
                 flat[start_row : start_row + len(batch.hidden)] = batch.hidden.to(dtype)
                 if progress is not None:
                     progress(len(batch.rows))
+        if progress is not None:
+            progress(len(stored) - len(distinct))
         model.train(was_training)
         release_freed_memory()
         seconds = time.perf_counter() - start
         log.info(
-            "prefix cache: %d rows, %d positions after %d frozen block(s), %.1f MB %s, built in %.2fs",
-            len(lengths), shape[0], depth, nbytes / 2**20, f"in {path}" if path else f"on {device}",
+            "prefix cache: %d rows (%d distinct), %d positions after %d frozen block(s), %.1f MB %s, built in %.2fs",
+            len(lengths), len(distinct), shape[0], depth, nbytes / 2**20, f"in {path}" if path else f"on {device}",
             seconds,
         )
         cache = cls(flat, starts, stored, depth, path)

@@ -86,3 +86,26 @@ def test_cache_turns_itself_off_where_it_would_not_be_exact(model_kwargs, reason
     assert why is not None and reason in why
     ok = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="last_block")
     assert ok.caches.plan(ok.model, ok.readout, ok.hparams.drop_rate, pad_length=120) == (1, None)
+
+
+@pytest.mark.parametrize("pooling, pad_length", [("last_nonpad", None), ("last", None), ("last", 12)])
+def test_repeated_messages_are_computed_once_and_read_the_same_states(pooling, pad_length):
+    from spamclf.cache import PrefixCache
+    from spamclf.gpt2 import GPT2, preset
+    from spamclf.loaders import EncodedSplit
+
+    torch.manual_seed(0)
+    model = GPT2.random(preset("gpt2-tiny")).eval()
+    rows = [[5, 6, 7], [9, 8], [5, 6, 7], [1, 2, 3, 4], [9, 8], [5, 6]]
+    build = dict(pad_length=pad_length, depth=1, pooling=pooling, use_mask=False, dtype=torch.float32,
+                 device=torch.device("cpu"))
+    done = []
+    cache = PrefixCache.build(model, EncodedSplit(rows, [0] * len(rows)), **build, progress=done.append)
+    distinct = PrefixCache.build(model, EncodedSplit([rows[i] for i in (0, 1, 3, 5)], [0] * 4), **build)
+    assert sum(done) == len(rows)  # the progress bar still counts every row
+    assert cache.flat.shape == distinct.flat.shape  # four distinct messages stored, not six
+    index = torch.arange(len(rows))
+    states = cache.gather(index, 4, torch.device("cpu"), torch.float32)
+    assert torch.equal(states[2], states[0]) and torch.equal(states[4], states[1])
+    expected = distinct.gather(torch.tensor([0, 1, 0, 2, 1, 3]), 4, torch.device("cpu"), torch.float32)
+    assert torch.allclose(states, expected, atol=1e-6)
