@@ -99,16 +99,18 @@ class SpamClassifier(L.LightningModule):
 
     def _logits(self, batch: dict) -> torch.Tensor:
         trainer = self.trainer
-        with trainer.profiler.profile("step: prefix cache"):  # built on a split's first batch, then looked up
+        # Validation passes are marked apart: the profile's step table is of training steps only.
+        phase = "step" if self.training else "eval"
+        with trainer.profiler.profile(f"{phase}: prefix cache"):  # built on a split's first batch, then looked up
             cache = self.caches.get(batch["split"], self.model, self.readout, self.hparams.drop_rate, trainer.datamodule,
                                     str(trainer.precision), self.device,
                                     trainer.progress_bar_callback is not None and trainer.is_global_zero)
         if cache is None:
-            with trainer.profiler.profile("step: forward"):
+            with trainer.profiler.profile(f"{phase}: forward"):
                 return self(batch["input_ids"], batch["lengths"])
-        with trainer.profiler.profile("step: cache gather"):
+        with trainer.profiler.profile(f"{phase}: cache gather"):
             hidden = cache.gather(batch["index"], batch["input_ids"].shape[1], self.device, self.model.pos_emb.weight.dtype)
-        with trainer.profiler.profile("step: forward"):
+        with trainer.profiler.profile(f"{phase}: forward"):
             return self(batch["input_ids"], batch["lengths"], hidden, cache.depth)
 
     # ---------------------------------------------------------------------------------------- steps

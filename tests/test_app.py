@@ -296,7 +296,10 @@ def test_benchmark_runs_in_tiny_mode():
     profile = proc.stdout.split("profile of fast:")[1].split("profile of")[0].splitlines()
     parts = {line[:38].strip(): float(line.split()[-2]) for line in profile[2:] if line.strip().endswith("%")}
     assert parts["forward (suffix)"] > 0 and parts["backward"] > 0 and parts["optimizer update (AdamW)"] > 0
-    ops = profile[profile.index(next(line for line in profile if "by op" in line)) + 1:]
+    by_op = profile.index(next(line for line in profile if "by op" in line))
+    step_shares = [float(line.split()[-1][:-1]) for line in profile[2:by_op] if line.strip().endswith("%")]
+    assert sum(step_shares) == pytest.approx(100, abs=1)  # training steps only: validation passes are not in them
+    ops = profile[by_op + 1:]
     shares = {line[:38].strip(): float(line.split()[-1][:-1]) for line in ops if line.strip().endswith("%")}
     assert {"matrix products", "copies and dtype casts (autocast)", "AdamW (fused)",
             "Python, Lightning, autograd engine"} <= set(shares) and shares["matrix products"] > 0
