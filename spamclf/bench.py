@@ -123,6 +123,9 @@ def print_profiles(results: dict) -> None:
         if r.get("ops"):
             steps = r["ops"]["steps"]
             print(f"  the same steps by op (torch.profiler, {steps} steps from step 60: {r['ops']['wall_ms'] / steps:.1f} ms a step)")
+            if "unprofiled_wall_ms" in r["ops"]:
+                print(f"  (the {steps} steps before, unprofiled: {r['ops']['unprofiled_wall_ms'] / steps:.1f} ms a step; minor page "
+                      f"faults a step {r['ops']['unprofiled_faults'] / steps:.0f} unprofiled, {r['ops']['faults'] / steps:.0f} profiled)")
             for kind, ms, share in op_table(r["ops"]):
                 print(f"  {kind:<36} {ms:>8.2f} {share:>7.1%}")
 

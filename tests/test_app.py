@@ -300,6 +300,7 @@ def test_benchmark_runs_in_tiny_mode():
     step_shares = [float(line.split()[-1][:-1]) for line in profile[2:by_op] if line.strip().endswith("%")]
     assert sum(step_shares) == pytest.approx(100, abs=1)  # training steps only: validation passes are not in them
     ops = profile[by_op + 1:]
+    assert ops[0].strip().startswith("(the 50 steps before, unprofiled:") and "faults a step" in ops[0]
     shares = {line[:38].strip(): float(line.split()[-1][:-1]) for line in ops if line.strip().endswith("%")}
     assert {"matrix products", "copies and dtype casts (autocast)", "AdamW (fused)",
             "Python, Lightning, autograd engine"} <= set(shares) and shares["matrix products"] > 0
