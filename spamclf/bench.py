@@ -362,8 +362,8 @@ def case_int8_accuracy(args) -> dict:
 
 
 def case_serve(args, engine: str | None = None) -> dict:
-    """`spamclf.serve` on 127.0.0.1 under single-text requests from `c` client threads (each its own keep-alive
-    connection), for each c in SERVE_CONCURRENCY: requests/s, p50/p99 latency, failures, the server's memory.
+    """`spamclf.serve` on 127.0.0.1 under single-text requests from `c` keep-alive connections of one asyncio
+    client process, for each c in SERVE_CONCURRENCY: requests/s, p50/p99 latency, failures, the server's memory.
     `engine`: as `_model_flags` (serve_int8: "onnx:int8")."""
     import socket
     import threading
@@ -377,8 +377,7 @@ def case_serve(args, engine: str | None = None) -> dict:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         engine = engine or f"torch:{args.predict_precision}"
-        command = [sys.executable, "-m", "spamclf.serve", *_model_flags(args, tmp, engine), "--port", str(port),
-                   "--max-batch-size", "32", "--batch-timeout", "0.005"]
+        command = [sys.executable, "-m", "spamclf.serve", *_model_flags(args, tmp, engine), "--port", str(port)]  # its defaults
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         watched, samples, stop = psutil.Process(server.pid), [], threading.Event()
         try:

@@ -30,6 +30,12 @@ from spamclf.errors import SpamclfError
 from spamclf.memory import release_freed_memory
 from spamclf.page import page_middleware
 
+# Chosen by measurement (docs/serving.md#load, 2-core AMX Xeon, single-text requests): in three paired runs batches
+# of at most 16 served concurrency 32 4-24% and 128 -0.4-13% more requests/s than 32, with a lower p99 (one batch
+# is classified while the next gathers); a 5 ms wait served a lone client 33-34 req/s against 25-27 with 10 ms.
+MAX_BATCH_SIZE = 16
+BATCH_TIMEOUT = 0.005
+
 
 class PredictRequest(BaseModel):
     """One text, or a list of texts."""
@@ -83,7 +89,7 @@ class SpamClassifierAPI(ls.LitAPI):
         return {"predictions": results} if many else results[0]
 
 
-def build_server(source: dict, max_batch_size: int = 32, batch_timeout: float = 0.01, max_body_bytes: int = 1 << 20,
+def build_server(source: dict, max_batch_size: int = MAX_BATCH_SIZE, batch_timeout: float = BATCH_TIMEOUT, max_body_bytes: int = 1 << 20,
                  batch_tokens: int = 2048, timeout: float = 30, max_texts: int = 256):
     """`source`: {"ckpt" or "onnx": path, "precision": ..., "device": ...} as the command line gives them."""
     source = {"ckpt": None, "onnx": None, "precision": None, "device": None, **source}
@@ -105,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     add_model_flags(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface, reachable by others)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch-size", type=int, default=32, help="requests classified together at most")
-    parser.add_argument("--batch-timeout", type=float, default=0.01, help="seconds a request waits for others to batch with")
+    parser.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help="requests classified together at most")
+    parser.add_argument("--batch-timeout", type=float, default=BATCH_TIMEOUT, help="seconds a request waits for others to batch with")
     parser.add_argument("--max-texts", type=int, default=256, help='most texts in one request\'s "texts"')
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per model batch (as spamclf.predict)")
