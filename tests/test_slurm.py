@@ -83,6 +83,7 @@ def test_preemption_exits_75_requeues_and_resumes_in_the_same_folder(sweep, slur
         job = _slurm(slurm_cluster, "squeue", "-h", "-o", "%i").split()
         assert len(job) == 1
         _slurm(slurm_cluster, "scancel", "--signal=TERM", job[0])  # what SLURM sends before the time limit
+        deadline = time.monotonic() + 180  # its own window: a slow first epoch on a busy machine left it 0 s once
         # SLURM holds a requeued job for two minutes (EligibleTime); an operator may release it at once.
         while "BeginTime" not in _slurm(slurm_cluster, "squeue", "-h", "-j", job[0], "-o", "%r"):
             assert proc.poll() is None and time.monotonic() < deadline, "the job was not requeued"
