@@ -86,31 +86,32 @@ class OpProfile(Callback):
 
     def __init__(self, dirpath: str, start: int = 200, steps: int = 50):
         self.dirpath, self.start, self.steps = dirpath, start, steps
-        self._profiler, self._began, self._faults = None, 0.0, 0
-        self._plain: tuple[float, int] | None = None  # the unprofiled window's (seconds, faults) once measured
-        self._plain_marked = False
+        self._profiler = None
+        self._plain_from: tuple[float, int] | None = None  # (time, faults) where the unprofiled window began
+        self._plain: tuple[float, int] | None = None  # its (seconds, faults)
+        self._profiled_from = (0.0, 0)
 
-    def _mark(self) -> None:
-        self._began, self._faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    @staticmethod
+    def _now() -> tuple[float, int]:
+        return time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-    def _since(self) -> tuple[float, int]:
-        return time.perf_counter() - self._began, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self._faults
+    def _since(self, mark: tuple[float, int]) -> tuple[float, int]:
+        now = self._now()
+        return now[0] - mark[0], now[1] - mark[1]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.start - self.steps and self.start >= self.steps and not self._plain_marked:
-            self._mark()
-            self._plain_marked = True
+        if trainer.global_step == self.start - self.steps and self._plain_from is None:
+            self._plain_from = self._now()
         if trainer.global_step == self.start and self._profiler is None:
-            if self._plain_marked and self._plain is None:
-                self._plain = self._since()
+            self._plain = self._since(self._plain_from) if self._plain_from else None
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self._profiler.__enter__()
-            self._mark()
+            self._profiled_from = self._now()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._profiler is None or trainer.global_step < self.start + self.steps:
             return
-        wall, faults = self._since()
+        wall, faults = self._since(self._profiled_from)
         self._profiler.__exit__(None, None, None)
         self_ms = {e.key: e.self_cpu_time_total / 1000 for e in self._profiler.key_averages()}
         self._profiler = None
