@@ -18,6 +18,7 @@ _T0 = time.perf_counter()  # a case's wall time counts from here: start-up and i
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shlex  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -377,7 +378,8 @@ def case_serve(args, engine: str | None = None) -> dict:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         engine = engine or f"torch:{args.predict_precision}"
-        command = [sys.executable, "-m", "spamclf.serve", *_model_flags(args, tmp, engine), "--port", str(port)]  # its defaults
+        command = [sys.executable, "-m", "spamclf.serve", *_model_flags(args, tmp, engine), "--port", str(port),
+                   *shlex.split(args.serve_flags)]  # the server's defaults unless --serve-flags names others
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         watched, samples, stop = psutil.Process(server.pid), [], threading.Event()
         try:
@@ -445,7 +447,7 @@ def _peak_rss_of(case: str, args) -> tuple[dict, int]:
     """Run a case and read its own peak RSS from the kernel (wait4), not from sampling."""
     command = [sys.executable, "-m", "spamclf.bench", "--child", case, "--epochs", str(args.epochs), "--model", args.model,
                "--predict-lines", str(args.predict_lines), "--accelerator", args.accelerator,
-               "--predict-precision", args.predict_precision, "--serve-requests", str(args.serve_requests), "--runs", args.runs,
+               "--predict-precision", args.predict_precision, "--serve-requests", str(args.serve_requests), f"--serve-flags={args.serve_flags}", "--runs", args.runs,
                *(["--profile"] if args.profile else [])]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -678,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-requests", type=int, default=2000, help="requests per concurrency level in the serve case")
     parser.add_argument("--profile", action="store_true",
                         help="profile the training cases' steps (Lightning's SimpleProfiler) and print where a step's time goes")
+    parser.add_argument("--serve-flags", default="", help='spamclf.serve flags for the serve cases, as one argument: --serve-flags="--max-batch-size 32"')
     parser.add_argument("--runs", default="", help="int8_accuracy: comma-separated run folders (checkpoints/last.ckpt, "
                         "validation.csv, test.csv, natural.csv)")
     parser.add_argument("--json", help="also write the raw results here")

@@ -276,7 +276,8 @@ def test_train_false_evaluates_a_checkpoint(trained_ckpt, tmp_path):
 @pytest.mark.hardware
 def test_benchmark_runs_in_tiny_mode():
     proc = subprocess.run([sys.executable, "-m", "spamclf.bench", "--model", "gpt2-tiny", "--epochs", "1",
-                           "--cases", "ch06,fast,predict,serve", "--predict-lines", "300", "--serve-requests", "40", "--profile"],
+                           "--cases", "ch06,fast,predict,serve", "--predict-lines", "300", "--serve-requests", "40", "--profile",
+                           "--serve-flags=--max-batch-size 8 --batch-timeout 0.01"],  # passed to spamclf.serve
                           cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
