@@ -19,7 +19,8 @@ PRIZE_HTML = """<html><head><title>Prize</title><style>p {color: red}</style>
 <body><h1>Congratulations, Jos&eacute;!</h1><p>You&#39;ve won &pound;1,000 &amp; a free&nbsp;cruise.</p>
 <p>Click <a href="http://x.test/?a=1&amp;b=2">here</a> &mdash; today only.</p>
 <table><tr><td>No fees</td><td>No catch</td></tr></table><ul><li>Fast</li><li>Free</li></ul></body></html>"""
-PRIZE_TEXT = "Congratulations, José!\nYou've won £1,000 & a free cruise.\nClick here — today only.\nNo fees No catch\nFast\nFree"
+PRIZE_TEXT = ("Congratulations, José!\nYou've won £1,000 & a free cruise.\nClick here — today only.\nNo fees No catch\n"
+              "Fast\nFree")
 
 
 def message(subject: str | None, body: str | None = None, **headers) -> EmailMessage:
@@ -96,7 +97,8 @@ def test_windows_1252_quotes_and_euro(tmp_path):
 def test_quoted_printable_body(tmp_path):
     raw = (b"Subject: QP\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n"
            b"A long line that is wrapped with a soft=\n break, caf=C3=A9 and 1+1=3D2.\n")
-    assert texts(write_eml(tmp_path / "a.eml", raw)) == ["QP\n\nA long line that is wrapped with a soft break, café and 1+1=2."]
+    assert texts(write_eml(tmp_path / "a.eml", raw)) == [
+        "QP\n\nA long line that is wrapped with a soft break, café and 1+1=2."]
 
 
 def test_base64_body(tmp_path):
@@ -125,7 +127,8 @@ def test_attachments_are_skipped(tmp_path):
 def test_headers_option_prepends_header_lines(tmp_path):
     msg = message("Hi", "Body.", From="Ana <ana@example.com>", To="bo@example.com")
     eml = write_eml(tmp_path / "a.eml", msg)
-    assert texts(eml, headers=("From", "Reply-To", "to")) == ["From: Ana <ana@example.com>\nto: bo@example.com\nHi\n\nBody."]
+    assert texts(eml, headers=("From", "Reply-To", "to")) == [
+        "From: Ana <ana@example.com>\nto: bo@example.com\nHi\n\nBody."]
     assert texts(eml) == ["Hi\n\nBody."]
 
 
