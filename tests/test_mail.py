@@ -58,6 +58,12 @@ def test_plain_text_message_is_subject_blank_line_body(tmp_path):
     assert list(iter_mail(eml)) == [("a.eml", "Lunch?\n\nMeet at 12:30.\nBring the notes.")]
 
 
+def test_crlf_file_and_subject_only_message(tmp_path):
+    write_eml(tmp_path / "a.eml", b"Subject: Line\r\n endings\r\n\r\nline one\r\n\r\nline three\r\n")
+    write_eml(tmp_path / "b.eml", b"Subject: Only a subject\r\n\r\n\r\n")
+    assert texts(tmp_path) == ["Line endings\n\nline one\n\nline three", "Only a subject"]
+
+
 def test_html_only_message_becomes_visible_text(tmp_path):
     msg = message("You won!")
     msg.set_content(PRIZE_HTML, subtype="html")
@@ -110,11 +116,11 @@ def test_base64_body(tmp_path):
 
 
 def test_unknown_charset_falls_back_to_utf8_then_windows_1252(tmp_path):
-    utf8 = b"Subject: A\nContent-Type: text/plain; charset=x-no-such-charset\n\ncaf\xc3\xa9\n"
+    utf8 = b"Subject: =?x-no-such-charset?q?A_caf=C3=A9?=\nContent-Type: text/plain; charset=x-no-such-charset\n\ncaf\xc3\xa9\n"
     cp1252 = b"Subject: B\nContent-Type: text/plain; charset=x-no-such-charset\n\ncaf\xe9 \x80\n"
     write_eml(tmp_path / "a.eml", utf8)
     write_eml(tmp_path / "b.eml", cp1252)
-    assert texts(tmp_path) == ["A\n\ncafé", "B\n\ncafé €"]
+    assert texts(tmp_path) == ["A café\n\ncafé", "B\n\ncafé €"]
 
 
 def test_attachments_are_skipped(tmp_path):
