@@ -18,8 +18,12 @@ from email import policy
 from email.message import EmailMessage
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spamclf.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ def is_mail_source(path: str | os.PathLike) -> bool:
     return next(_mail_entries(Path(path)), None) is not None
 
 
-def read_mail_folder(path: str | os.PathLike, headers: Sequence[str] = ()):
+def read_mail_folder(path: str | os.PathLike, headers: Sequence[str] = ()) -> pd.DataFrame:
     """A frame with columns `text` and `label`: every message under each subfolder of `path`, labelled with the
     subfolder's name. Messages that cannot be read or hold no text are left out with one warning."""
     import pandas as pd  # imported here so that prediction, which only iterates, does not load pandas
@@ -80,7 +84,9 @@ def _named_texts(root: Path, headers: Sequence[str]) -> Iterator[tuple[str, str]
 
 def message_text(message: EmailMessage, headers: Sequence[str] = ()) -> str:
     """The message's subject and text body with a blank line between, after a "Name: value" line for each of
-    `headers` the message has; empty when it has neither subject nor body text."""
+    `headers` the message has (one name alone may be given as a string); empty when it has neither subject nor
+    body text."""
+    headers = (headers,) if isinstance(headers, str) else headers
     subject = " ".join(str(message["subject"] or "").split())
     body = _body_text(message)
     if not (subject or body):

@@ -135,6 +135,7 @@ def test_headers_option_prepends_header_lines(tmp_path):
     eml = write_eml(tmp_path / "a.eml", msg)
     assert texts(eml, headers=("From", "Reply-To", "to")) == [
         "From: Ana <ana@example.com>\nto: bo@example.com\nHi\n\nBody."]
+    assert texts(eml, headers="From") == ["From: Ana <ana@example.com>\nHi\n\nBody."]
     assert texts(eml) == ["Hi\n\nBody."]
 
 
