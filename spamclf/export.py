@@ -179,9 +179,9 @@ def export_onnx(clf: Classifier, out: Path, quantize: str | None = None) -> Path
 
 def checkpoint_classifier(path: str) -> Classifier:
     """The torch classifier of --ckpt at fp32, the precision every export computes in."""
-    if not isinstance(clf := spamclf.load(path, precision="fp32"), Classifier):
-        raise SpamclfError(f"{path}: exports start from a checkpoint; pass the .ckpt a training run wrote (fix --ckpt)")
-    return clf
+    if Path(path).suffix.lower() == ".onnx":
+        raise SpamclfError(f"{path}: an exported graph is not exported again; pass the .ckpt it came from (fix --ckpt)")
+    return spamclf.load(path, precision="fp32")
 
 
 def main(argv: list[str] | None = None) -> int:
