@@ -8,6 +8,8 @@ import csv
 import sys
 from pathlib import Path
 
+import spamclf
+
 FLOOR = 0.99  # below this share of equal labels on validation, the export warns
 
 
@@ -30,8 +32,6 @@ def label_agreement(reference, candidate, texts: list[str]) -> float:
 def report_agreement(clf, graph: Path, out=sys.stderr) -> float | None:
     """Compare the graph at `graph` with the checkpoint's `clf` on the run's validation split; print one line
     (a warning below FLOOR, or when there is no validation split to compare on). Returns the agreement."""
-    from spamclf.onnx_classifier import OnnxClassifier
-
     checkpoint = clf.about.get("checkpoint")
     where = validation_file(checkpoint) if checkpoint else None
     if where is None or not where.is_file():
@@ -39,7 +39,7 @@ def report_agreement(clf, graph: Path, out=sys.stderr) -> float | None:
               f"checkpoints/ ({where or 'no checkpoint path'})", file=out)
         return None
     texts = read_texts(where)
-    share = label_agreement(clf, OnnxClassifier.load(graph), texts)
+    share = label_agreement(clf, spamclf.load(graph), texts)
     if share < FLOOR:
         print(f"warning: the quantized graph gives the checkpoint's label to only {share:.1%} of the {len(texts)} validation "
               f"messages (below {FLOOR:.0%}); export without --quantize where labels must match", file=out)

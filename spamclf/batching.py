@@ -1,9 +1,12 @@
-"""Which rows go together, and how wide a batch is: the one length-bucketing rule, shared by training batches,
-the prefix cache build and prediction (torch or ONNX Runtime). Plain Python: no torch import."""
+"""Which rows go together, how wide a batch is and how it is padded: the one length-bucketing rule and the one
+right padding, shared by training batches, the prefix cache build and prediction (torch or ONNX Runtime). Plain
+Python: no torch import."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+
+from spamclf.tokenizer import PAD_ID
 
 FILL = 128  # packed batches are padded to a multiple of this many positions (small ones to a power of two)
 
@@ -36,3 +39,10 @@ def round_up(width: int, multiple: int, limit: int | None = None) -> int:
     """`width` rounded up to a multiple of `multiple`, at most `limit`."""
     rounded = -(-width // multiple) * multiple
     return min(rounded, limit) if limit else rounded
+
+
+def right_padded(rows: Sequence[Sequence[int]], width: int, pad: int = PAD_ID) -> tuple[list[list[int]], list[int]]:
+    """`rows` of token ids cut to `width` and right-padded to it with `pad` (<|endoftext|>), and how many real
+    tokens each keeps."""
+    cut = [list(row[:width]) for row in rows]
+    return [row + [pad] * (width - len(row)) for row in cut], [len(row) for row in cut]

@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 
 from spamclf.batching import length_batches
+from spamclf.classifier import release_freed_memory
 from spamclf.heads import Readout, frozen_prefix_depth
 from spamclf.kernels import onednn_bf16_inference
-from spamclf.memory import release_freed_memory
 from spamclf.packing import packed_prefix
 from spamclf.precision import dtype_of
 from spamclf.progress import progress_bar

@@ -10,10 +10,11 @@ Plain Python: no torch, so the ONNX Runtime path decides exactly as the torch on
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from spamclf.errors import InvalidOption
+from spamclf.errors import CheckpointError, InvalidOption
 
 THRESHOLD_RULES = ("fixed", "max_fpr", "min_precision", "max_f1")
 THRESHOLD_HELP = ("a number in [0, 1], or one of threshold.fixed=P, threshold.max_fpr=R (highest recall with at most that "
@@ -120,19 +121,16 @@ class Decision:
                 "rule": self.rule, "target": self.target, "temperature": self.temperature, "measured": dict(self.measured)}
 
 
-def load_decision(checkpoint: Mapping) -> Decision:
-    """The decision a checkpoint (a dict as torch.load returns it) carries. Checkpoints written before the decision
-    had its own entry keep it in their hyperparameters (`decision`, or just the configured `threshold`)."""
-    if "decision" in checkpoint:
-        stored = checkpoint["decision"]
-        names = stored["label_names"]
-        return Decision(tuple(names), names.index(stored["positive_label"]), stored["threshold"], stored["rule"],
-                        stored["target"], stored["temperature"], dict(stored.get("measured") or {}))
-    hparams = checkpoint.get("hyper_parameters", {})
-    decision = Decision.configured(hparams.get("label_names", ("ham", "spam")), hparams.get("positive_label"),
-                                   hparams.get("threshold", 0.5))
-    chosen = hparams.get("decision")
-    return decision.chosen(chosen["threshold"], chosen.get("temperature", 1.0)) if chosen else decision
+def load_decision(checkpoint: Mapping, source: str | os.PathLike = "the checkpoint") -> Decision:
+    """The decision a checkpoint (a dict as torch.load returns it) carries in its `decision` entry; `source`
+    names the file in the error when there is none."""
+    stored = checkpoint.get("decision")
+    if stored is None:
+        raise CheckpointError(f"{source}: no decision entry (the threshold and temperature to predict with); an older "
+                              f"spamclf wrote it: train it again with this one")
+    names = stored["label_names"]
+    return Decision(tuple(names), names.index(stored["positive_label"]), stored["threshold"], stored["rule"],
+                    stored["target"], stored["temperature"], dict(stored.get("measured") or {}))
 
 
 def softmax(logits: Sequence[float], temperature: float = 1.0) -> list[float]:

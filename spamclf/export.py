@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import spamclf
 from spamclf.agreement import report_agreement
 from spamclf.errors import SpamclfError
 from spamclf.inference import Classifier
@@ -176,6 +177,13 @@ def export_onnx(clf: Classifier, out: Path, quantize: str | None = None) -> Path
     return out / "model.onnx"
 
 
+def checkpoint_classifier(path: str) -> Classifier:
+    """The torch classifier of --ckpt at fp32, the precision every export computes in."""
+    if Path(path).suffix.lower() == ".onnx":
+        raise SpamclfError(f"{path}: an exported graph is not exported again; pass the .ckpt it came from (fix --ckpt)")
+    return spamclf.load(path, precision="fp32")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spamclf.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.quantize and args.format != "onnx":
             raise SpamclfError(f"--quantize {args.quantize} applies to --format onnx only; drop --quantize or use --format onnx")
-        clf = Classifier.load(args.ckpt, precision="fp32")
+        clf = checkpoint_classifier(args.ckpt)
         written = export_hf(clf, Path(args.out)) if args.format == "hf" else export_onnx(clf, Path(args.out), args.quantize)
     except SpamclfError as e:
         print(f"error: {e}", file=sys.stderr)

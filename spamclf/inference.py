@@ -1,31 +1,30 @@
 """A trained classifier, ready to classify: `Classifier.load(ckpt).predict(texts)`.
 
 Built from a checkpoint with torch alone (GPT-2, the head, the stored tensors and the base weights' identity):
-importing this module imports no Lightning, Hydra or torchmetrics. It owns everything prediction needs to
-repeat from training — tokenization and truncation, the padding rule, packed token-budget batches, precision
-and the CPU kernels, temperature and threshold — and the CLI, the server, the benchmark and the exports use
-it and nothing else.
+importing this module imports no Lightning, Hydra or torchmetrics. What prediction repeats from training —
+tokenization and truncation, the padding rule, batches, the decision — is `spamclf.classifier.TextClassifier`'s;
+this backend adds the network's forward over packed batches, the precision and the CPU kernels.
+`spamclf.load(path)` picks it for a .ckpt.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from spamclf.answers import answer
-from spamclf.decision import Decision, Prediction, load_decision
+from spamclf.classifier import TextClassifier
+from spamclf.decision import Decision, load_decision
 from spamclf.errors import CheckpointError, SpamclfError
 from spamclf.gpt2 import GPT2
 from spamclf.heads import Readout, classifier_network
 from spamclf.io import file_sha256
 from spamclf.kernels import onednn_bf16_inference
-from spamclf.memory import release_freed_memory
-from spamclf.packing import packed_prefix
+from spamclf.packing import grid_align, prefix_batch
 from spamclf.precision import Precision, resolve
 
 log = logging.getLogger(__name__)
@@ -82,15 +81,16 @@ def _network(checkpoint: dict) -> GPT2:
     return model.eval()
 
 
-class Classifier:
+class Classifier(TextClassifier):
     """A trained model that classifies raw texts. `Classifier.load(path)` reads a checkpoint written by train.py."""
 
     def __init__(self, model: GPT2, readout: Readout, decision: Decision, tokenization: dict, precision: Precision,
                  device: torch.device, about: dict | None = None):
-        self.model, self.readout, self.decision = model.to(device).eval(), readout, decision
-        self.tokenization, self.precision, self.device, self.about = dict(tokenization), precision, device, about or {}
-        self.pad_length: int | None = self.tokenization.get("pad_length")
-        self.width = self.pad_length or self.tokenization.get("context_length") or model.cfg.context_length
+        self.model, self.readout, self.precision, self.device = model.to(device).eval(), readout, precision, device
+        self.about = about or {}
+        self.depth = readout.prefix_depth(model.cfg.n_layers)
+        super().__init__(decision, tokenization, readout.pooling, model.cfg.context_length)
+        self.align = grid_align(model, readout.use_mask, self.pad_length, self.one_width)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", precision: str = "auto") -> Classifier:
@@ -100,59 +100,33 @@ class Classifier:
             hparams = checkpoint["hyper_parameters"]
             model = _network(checkpoint)
             readout = Readout(hparams.get("pooling", "last"), hparams.get("pooled_only", True), hparams.get("causal", True))
-            decision = load_decision(checkpoint)
+            decision = load_decision(checkpoint, path)
         device = torch.device(device)
         about = {"checkpoint": str(Path(path).resolve()), "model_name": hparams.get("model_name"),
                  "weights": hparams.get("weights")}
         return cls(model, readout, decision, hparams.get("tokenization") or {}, resolve(precision, device), device, about)
 
-    @property
-    def label_names(self) -> list[str]:
-        return list(self.decision.label_names)
-
     def logits(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Class logits [B, C] (before temperature) of right-padded ids [B, T] with `lengths` real tokens."""
         return self.readout.logits(self.model, input_ids, lengths)
 
-    @torch.inference_mode()
-    def predict(self, texts: Sequence[str], batch_tokens: int = 2048,
-                progress: Callable[[int], None] | None = None) -> list[Prediction]:
-        """One Prediction per text, in order. Texts longer than the training width (or the context) are cut to it,
-        keeping their beginning, and marked `truncated`; an empty text is a lone <|endoftext|>. Identical texts are
-        classified once. `progress(n)`: n more distinct texts done.
-
-        A message's probability does not depend on what it is batched with: fixed padding pads every message
-        alike, per-batch padding is only used with poolings that never read padding, and with pooling=last and
-        per-batch padding messages are batched only with others of the same length."""
-        return answer(texts, self.width, self.decision, lambda ids: self._probabilities(ids, batch_tokens, progress))
-
-    def _probabilities(self, ids: list[list[int]], batch_tokens: int, progress) -> list[list[float]]:
-        stored = [self.pad_length or len(row) for row in ids]
-        depth = self.readout.prefix_depth(self.model.cfg.n_layers)
-        one_width = self.pad_length is None and self.readout.pooling == "last"
+    @contextmanager
+    def _computing(self) -> Iterator[None]:
         dtype = self.precision.dtype
-        probs: list[list[float]] = [[]] * len(ids)
-        with (torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        with (torch.inference_mode(),
+              torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
               onednn_bf16_inference(self.model, keep=True)):  # the weights never change: prepacked once, kept
-            for batch in packed_prefix(self.model, ids, stored, depth, self.readout.use_mask, self.pad_length,
-                                       device=self.device, tokens_per_batch=batch_tokens, one_width=one_width):
-                logits = self.readout.logits(self.model, batch.input_ids.to(self.device), batch.lengths.to(self.device),
-                                             batch.grid(), depth)
-                for i, p in zip(batch.rows, probabilities(logits, self.decision.temperature).cpu().tolist()):
-                    probs[i] = p
-                if progress is not None:
-                    progress(len(batch.rows))
-        if sum(stored) > batch_tokens:
-            # Many batches leave glibc holding a fragmented heap (memory would creep up per chunk); one batch (a
-            # server's) is not trimmed: the next call reuses it, where a trim would fault it in again (~10 ms).
-            release_freed_memory()
-        return probs
+            yield
 
-    def info(self) -> dict:
-        """What the server's /info shows: the model, labels, padding rule, decision, precision, checkpoint sha256."""
+    def forward(self, input_ids: list[list[int]], lengths: list[int]) -> list[list[float]]:
+        """The frozen prefix over the batch's packed positions, then the rest of the network on its grid."""
+        ids, real = torch.tensor(input_ids), torch.tensor(lengths)
+        stored = torch.full_like(real, ids.shape[1]) if self.pad_length else real  # fixed padding is computed too
+        batch = prefix_batch(self.model, ids, real, stored, self.depth, self.readout.use_mask, self.device)
+        logits = self.readout.logits(self.model, ids.to(self.device), real.to(self.device), batch.grid(), self.depth)
+        return probabilities(logits, self.decision.temperature).cpu().tolist()
+
+    def _source_card(self) -> dict:
         if "sha256" not in self.about and self.about.get("checkpoint"):
             self.about["sha256"] = file_sha256(self.about["checkpoint"])
-        return {**self.about, "pooling": self.readout.pooling, "label_names": self.label_names,
-                "padding": {k: self.tokenization.get(k) for k in ("padding", "pad_length", "context_length")},
-                "decision": self.decision.as_dict(),
-                "precision": {"requested": self.precision.requested, "used": self.precision.name, "reason": self.precision.reason}}
+        return self.about

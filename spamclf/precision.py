@@ -20,8 +20,8 @@ from functools import cache, lru_cache
 
 import torch
 
+from spamclf.classifier import PRECISION_CHOICES as CHOICES
 from spamclf.errors import InvalidOption, SpamclfError
-from spamclf.precision_names import CHOICES
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,35 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
-from spamclf.engines import add_model_flags, load_engine
+import spamclf
+from spamclf.classifier import PRECISION_CHOICES
 from spamclf.errors import DataError, SpamclfError
 from spamclf.io import atomic_file
 from spamclf.progress import progress_bar
 
 csv.field_size_limit(2**31 - 1)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--ckpt or --onnx (one of them), --precision and --device (checkpoints only); `spamclf.serve` takes them too."""
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", help="checkpoint written by train.py (runs with torch)")
+    model.add_argument("--onnx", help="model.onnx written by `python -m spamclf.export --format onnx` "
+                                      "(runs with ONNX Runtime, no torch)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                        help="--ckpt only. auto (the default): bf16 where the CPU (AMX, AVX512-BF16) or GPU runs it "
+                             "natively, else fp32 (fp16 on GPUs without bf16)")
+    parser.add_argument("--device", default=None, help="--ckpt only: cpu (the default), cuda, cuda:1, mps")
+
+
+def model_source(args: argparse.Namespace) -> tuple[str, dict]:
+    """The model file the flags name and the options `spamclf.load` gets for it."""
+    options = {name: value for name in ("precision", "device") if (value := getattr(args, name)) is not None}
+    if args.onnx is not None and options:
+        flag = f"--{next(iter(options))}"
+        raise SpamclfError(f"{flag} applies to --ckpt only; an ONNX graph runs on the CPU at the precision it was "
+                           f"exported at: drop {flag}")
+    return args.ckpt or args.onnx, options
 
 
 def iter_texts(path: str, text_column: str = "text", encoding: str = "utf-8") -> Iterator[str]:
@@ -108,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         else:  # one cheap pass first: the bar's total, and a bad file fails before the model loads
             total = sum(1 for _ in iter_texts(args.input, args.text_column, args.encoding))
             texts = iter_texts(args.input, args.text_column, args.encoding)
-        classifier = load_engine(args)
+        path, options = model_source(args)
+        classifier = spamclf.load(path, **options)
         precision = classifier.precision
         print(f"precision {precision.requested} -> {precision.name}: {precision.reason}", file=sys.stderr)
         with progress_bar("classifying", total, enabled=not args.no_progress and args.input is not None) as advance:

@@ -6,29 +6,31 @@
 
 `POST /predict` takes {"text": "..."} or {"texts": ["...", ...]} and answers with the objects that
 `spamclf.predict` writes, in order ({"predictions": [...]} for "texts"). Requests that arrive together
-(up to --max-batch-size, waiting at most --batch-timeout seconds) are classified in one call of
-the engine's `predict` (`Classifier` or `OnnxClassifier`), the same path as the CLI, at the precision `auto`
-picks for the hardware. `GET /` is a page to try it in a browser (`spamclf.page`); `GET /health` is 200
-once the model is loaded; `GET /info` describes the model.
+(up to --max-batch-size, waiting at most --batch-timeout seconds) are classified in one call of the
+classifier's `predict` (`spamclf.load`: `Classifier` or `OnnxClassifier`), the same path as the CLI, at the
+precision `auto` picks for the hardware. `GET /` is a page to try it in a browser (`spamclf.page`);
+`GET /health` is 200 once the model is loaded; `GET /info` describes the model.
 
 Requests are checked before they reach the model (FastAPI + pydantic): a body that is not JSON, without
 "text"/"texts", with a non-string, an empty list or more than --max-texts texts is a 422 naming the
 problem; a body over --max-body-bytes is a 413. The server goes on serving.
 """
 
+# No `from __future__ import annotations`: LitServe reads `decode_request`'s annotation as an object (the
+# pydantic model that validates requests), and a postponed annotation would be a string.
 import argparse
 import signal
 import sys
-from argparse import Namespace
 from typing import ClassVar
 
 import litserve as ls
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from spamclf.engines import add_model_flags, load_engine
+import spamclf
+from spamclf.classifier import release_freed_memory
 from spamclf.errors import SpamclfError
-from spamclf.memory import release_freed_memory
 from spamclf.page import page_middleware
+from spamclf.predict import add_model_flags, model_source
 
 # Chosen by measurement (docs/serving.md#load, 2-core AMX Xeon, single-text requests): in three paired runs batches
 # of at most 16 served concurrency 32 4-24% and 128 -0.4-13% more requests/s than 32, with a lower p99 (one batch
@@ -58,16 +60,15 @@ class PredictRequest(BaseModel):
 
 
 class SpamClassifierAPI(ls.LitAPI):
-    """LitServe's view of a model: decode → batch → the engine's `predict` → unbatch → encode. `source`: the
-    flags `spamclf.engines.load_engine` reads (ckpt or onnx, precision)."""
+    """LitServe's view of a model: decode → batch → the classifier's `predict` → unbatch → encode. `model` and
+    `options`: what `spamclf.load` gets (a .ckpt or .onnx path; device, precision, threads)."""
 
-    def __init__(self, source: dict, batch_tokens: int = 2048, **kwargs):
+    def __init__(self, model: str, options: dict | None = None, batch_tokens: int = 2048, **kwargs):
         super().__init__(**kwargs)
-        self.source, self.batch_tokens = dict(source), batch_tokens
+        self.model_path, self.options, self.batch_tokens = str(model), dict(options or {}), batch_tokens
 
     def setup(self, device):
-        on_device = {} if self.source.get("onnx") else {"device": str(device)}
-        self.model = load_engine(Namespace(**{**self.source, **on_device}))
+        self.model = spamclf.load(self.model_path, **self.options)
         self.model.predict(["warm-up"])  # kernels built off the clock
 
     def decode_request(self, request: PredictRequest) -> tuple[list[str], bool]:
@@ -89,18 +90,19 @@ class SpamClassifierAPI(ls.LitAPI):
         return {"predictions": results} if many else results[0]
 
 
-def build_server(source: dict, max_batch_size: int = MAX_BATCH_SIZE, batch_timeout: float = BATCH_TIMEOUT, max_body_bytes: int = 1 << 20,
-                 batch_tokens: int = 2048, timeout: float = 30, max_texts: int = 256):
-    """`source`: {"ckpt" or "onnx": path, "precision": ..., "device": ...} as the command line gives them."""
-    source = {"ckpt": None, "onnx": None, "precision": None, "device": None, **source}
+def build_server(model: str, options: dict | None = None, max_batch_size: int = MAX_BATCH_SIZE,
+                 batch_timeout: float = BATCH_TIMEOUT, max_body_bytes: int = 1 << 20, batch_tokens: int = 2048,
+                 timeout: float = 30, max_texts: int = 256):
+    """A server of the classifier `spamclf.load(model, **options)` opens (a .ckpt or .onnx path)."""
+    options = dict(options or {})
     # Read once here for /info (a bad file fails here, in one line); the inference worker loads its own copy.
-    engine = load_engine(Namespace(**source))
-    info = {**engine.info(), "limits": {"max_texts": max_texts, "max_body_bytes": max_body_bytes}}
-    del engine
+    classifier = spamclf.load(model, **options)
+    info = {**classifier.info(), "limits": {"max_texts": max_texts, "max_body_bytes": max_body_bytes}}
+    del classifier
     release_freed_memory()  # this process (and the API servers LitServe forks from it) no longer holds the model
     PredictRequest.max_texts = max_texts
-    api = SpamClassifierAPI(source, batch_tokens, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-    device = source["device"] or "cpu"
+    api = SpamClassifierAPI(model, options, batch_tokens, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    device = options.get("device") or "cpu"
     accelerator = "cuda" if device.startswith("cuda") else device
     return ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=timeout,
                         model_metadata=info, max_payload_size=max_body_bytes, middlewares=[page_middleware()])
@@ -124,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_timeout < 0:
         parser.error("--batch-timeout must be 0 or more")
     try:
-        source = {"ckpt": args.ckpt, "onnx": args.onnx, "precision": args.precision, "device": args.device}
-        server = build_server(source, args.max_batch_size, args.batch_timeout, args.max_body_bytes, args.batch_tokens,
-                              max_texts=args.max_texts)
+        model, options = model_source(args)
+        server = build_server(model, options, args.max_batch_size, args.batch_timeout, args.max_body_bytes,
+                              args.batch_tokens, max_texts=args.max_texts)
     except SpamclfError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

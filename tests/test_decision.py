@@ -177,3 +177,22 @@ def test_a_run_chooses_its_threshold_on_validation_and_prediction_uses_it(tmp_pa
              "Txt STOP to end", "Ok lar... Joking wif u oni..."]
     for r in model.predict(texts):
         assert (r.label == "spam") == (r.probabilities["spam"] >= model.decision.threshold)
+
+
+def test_a_checkpoint_without_its_decision_entry_is_one_line(tiny_run, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    checkpoint = read_checkpoint(tiny_run / "checkpoints" / "last.ckpt")
+    assert load_decision(checkpoint).positive_label == "spam"
+    del checkpoint["decision"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    message = (f"{tmp_path / 'old.ckpt'}: no decision entry (the threshold and temperature to predict with); an older "
+               f"spamclf wrote it: train it again with this one")
+    with pytest.raises(SpamclfError) as caught:
+        Classifier.load(tmp_path / "old.ckpt")
+    assert str(caught.value) == message
+    proc = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(tmp_path / "old.ckpt"), "--text", "hi"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {message}"]

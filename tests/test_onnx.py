@@ -148,3 +148,59 @@ def test_export_says_when_agreement_was_not_checked_and_refuses_quantizing_hf(ck
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --quantize int8 applies to --format onnx only; drop --quantize or use --format onnx"]
     assert not (tmp_path / "hf").exists()
+
+
+def _public_methods(obj) -> set[str]:
+    """The methods its class defines or inherits (attributes such as the torch side's `model` aside)."""
+    return {name for name in dir(type(obj)) if not name.startswith("_") and callable(getattr(type(obj), name))}
+
+
+def test_spamclf_load_gives_both_backends_one_interface(ckpt, exported, texts):
+    import spamclf
+    from spamclf.onnx_classifier import OnnxClassifier
+
+    torch_side, graph = spamclf.load(ckpt, precision="fp32"), spamclf.load(exported["fp32"], threads=1)
+    assert type(torch_side) is Classifier and type(graph) is OnnxClassifier
+    assert _public_methods(torch_side) == _public_methods(graph) >= {"load", "predict", "info", "forward", "logits"}
+    for name in ("label_names", "width", "one_width", "pad_length", "decision"):
+        assert getattr(torch_side, name) == getattr(graph, name), name
+    ours, theirs = torch_side.info(), graph.info()
+    for name in ("pooling", "label_names", "padding", "decision"):
+        assert ours[name] == theirs[name], name
+    for a, b in zip(torch_side.predict(texts), graph.predict(texts), strict=True):
+        assert (a.text, a.label, a.truncated, list(a.probabilities)) == (b.text, b.label, b.truncated, list(b.probabilities))
+        assert a.probability == pytest.approx(b.probability, abs=1e-4)
+
+
+def test_spamclf_load_refuses_what_the_backend_does_not_take_in_one_line(ckpt, exported, tmp_path):
+    import spamclf
+    from spamclf.errors import SpamclfError
+
+    with pytest.raises(SpamclfError, match=r"model\.pt: not a model file spamclf reads; pass a \.ckpt"):
+        spamclf.load(tmp_path / "model.pt")
+    with pytest.raises(SpamclfError, match=r"^precision= is not an option for an ONNX graph \(.*\); it takes threads: "
+                                           r"drop precision$"):
+        spamclf.load(exported["fp32"], precision="bf16")
+    with pytest.raises(SpamclfError, match=r"^threads= is not an option for a checkpoint \(.*\); it takes device, precision"):
+        spamclf.load(ckpt, threads=2)
+    probe = "import sys; sys.modules['onnxruntime'] = None; import spamclf.predict as p; sys.exit(p.main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", probe, "--onnx", str(exported["fp32"]), "--text", "hi"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: onnxruntime is not installed; pip install 'spamclf[onnx]'"]
+
+
+@pytest.mark.parametrize("entry", ["decision", "context_length"])
+def test_a_graph_without_a_metadata_entry_is_one_line(exported, tmp_path, entry):
+    import onnx
+
+    from spamclf.export import write_metadata
+
+    graph = tmp_path / "old.onnx"
+    shutil.copy(exported["fp32"], graph)
+    write_metadata(graph, {p.key: p.value for p in onnx.load(str(graph)).metadata_props if p.key != entry})
+    proc = subprocess.run([sys.executable, "-m", "spamclf.predict", "--onnx", str(graph), "--text", "hi"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {graph}: the graph's metadata has no {entry} entry (an older spamclf exported it); export it again "
+        f"with `python -m spamclf.export --format onnx`"]

@@ -151,11 +151,28 @@ def test_model_card_measured_operating_point_and_visible_focus(page, server):
     assert outline not in ("", "none")  # focus is visible
 
 
-def test_screenshot(page, tmp_path):
+BAR_COLOURS = {"spam": (0xB3, 0x26, 0x1E), "ham": (0x1B, 0x6E, 0x3A)}  # the page's --spam and --ham
+
+
+def test_screenshot_shows_the_label_probability_and_the_bar(page, server, tmp_path):
+    """What the saved picture (the one docs/page.png shows) holds after a prediction: the server's label and
+    probability as visible text, and the bar filled in the label's colour to that probability."""
+    from PIL import Image
+
     page.set_viewport_size({"width": 900, "height": 1100})
     page.fill("#one-text", SPAM)
     page.press("#one-text", "Enter")
     page.wait_for_selector("#one-result:not([hidden])")
+    label, probability = _spam_probability(server[0], SPAM)
+    assert page.is_visible("#one-label") and page.inner_text("#one-label") == label
+    assert page.is_visible("#one-prob") and page.inner_text("#one-prob") == f"{100 * probability:.1f}%"
     target = Path(os.environ.get("SPAMCLF_PAGE_SCREENSHOT") or tmp_path / "page.png")
     page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_size > 10_000
+    bar = page.eval_on_selector("#one-bar", "el => { const r = el.getBoundingClientRect(); "
+                                            "return {x: r.x + scrollX, y: r.y + scrollY, width: r.width, height: r.height}; }")
+    image = Image.open(target).convert("RGB")
+    middle = round(bar["y"] + bar["height"] / 2)
+    row = [image.getpixel((x, middle)) for x in range(round(bar["x"]), round(bar["x"] + bar["width"]))]
+    filled = sum(all(abs(a - b) <= 8 for a, b in zip(pixel, BAR_COLOURS[label])) for pixel in row)
+    assert filled / bar["width"] == pytest.approx(probability, abs=0.02)  # the threshold marker covers 3 px at most

@@ -1,5 +1,6 @@
 """The HTTP server: a real server process on a free loopback port, real HTTP requests, a clean stop."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -105,16 +106,23 @@ def test_the_page_is_served_at_root_and_fetches_nothing_from_elsewhere(server):
     assert "http://" not in html and "https://" not in html and "<link" not in html and " src=" not in html
 
 
-def test_zz_sigterm_stops_every_process(server):
-    _, _, proc = server
-    session = [p for p in psutil.process_iter(["pid"]) if _sid(p.pid) == proc.pid]
-    assert len(session) >= 2  # the server and its inference worker
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_sid(p.pid) == proc.pid for p in psutil.process_iter(["pid"])):
-        time.sleep(0.5)
-    assert not [p.pid for p in psutil.process_iter(["pid"]) if _sid(p.pid) == proc.pid]
+def test_sigterm_stops_every_process(tiny_run):
+    """On a server of its own: the one the other tests share goes on serving whatever order they run in."""
+    ckpt = tiny_run / "checkpoints" / "last.ckpt"
+    _, proc = start_server(["--ckpt", str(ckpt), "--precision", "fp32"], tiny_run / "sigterm-server.log", ROOT, wait_s=120)
+    try:
+        session = [p for p in psutil.process_iter(["pid"]) if _sid(p.pid) == proc.pid]
+        assert len(session) >= 2  # the server and its inference worker
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_sid(p.pid) == proc.pid for p in psutil.process_iter(["pid"])):
+            time.sleep(0.5)
+        assert not [p.pid for p in psutil.process_iter(["pid"]) if _sid(p.pid) == proc.pid]
+    finally:
+        stop_server(proc)
+        with contextlib.suppress(ProcessLookupError):  # whatever outlived the SIGTERM (the test has failed then)
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _sid(pid: int) -> int | None:

@@ -18,19 +18,63 @@ def _imported_after(code: str) -> set[str]:
     return {name.split(".")[0] for name in out.split()}
 
 
-@pytest.mark.parametrize("module", ["spamclf.inference", "spamclf.predict", "spamclf.decision", "spamclf.batching"])
+@pytest.mark.parametrize("module", ["spamclf.inference", "spamclf.predict", "spamclf.decision", "spamclf.batching",
+                                    "spamclf.classifier"])
 def test_the_inference_side_imports_no_training_framework(module):
     assert not _imported_after(f"import {module}") & set(TRAINING_FRAMEWORKS)
 
 
-def test_decisions_and_batch_plans_need_no_torch():
-    assert "torch" not in _imported_after("import spamclf.decision, spamclf.batching, spamclf.tokenizer, spamclf.answers")
+def test_decisions_batch_plans_and_the_inference_base_need_no_torch():
+    assert "torch" not in _imported_after("import spamclf.decision, spamclf.batching, spamclf.tokenizer, spamclf.classifier")
 
 
 def test_the_onnx_path_and_the_front_ends_import_no_torch():
     """predict/serve --onnx run without torch: the front ends import the torch side only when --ckpt is used."""
-    assert "torch" not in _imported_after("import spamclf.onnx_classifier, spamclf.engines, spamclf.predict, spamclf.serve, "
+    assert "torch" not in _imported_after("import spamclf.onnx_classifier, spamclf.predict, spamclf.serve, "
                                           "spamclf.page, spamclf.agreement")
+
+
+def test_import_spamclf_imports_only_itself():
+    assert _imported_after("import spamclf") & {"torch", "numpy", "onnxruntime", "tiktoken", "spamclf"} == {"spamclf"}
+
+
+def _toy_graph(path: Path) -> Path:
+    """A two-class graph with the metadata `spamclf.export` writes: logits (0, tokens / 10), so texts of 2 or more
+    tokens are spam at its threshold 0.55, and texts are cut to the 8 tokens of its padding rule."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["lengths"], ["length"], to=TensorProto.FLOAT),
+             helper.make_node("Div", ["length", "ten"], ["spam"]),
+             helper.make_node("Sub", ["spam", "spam"], ["ham"]),
+             helper.make_node("Unsqueeze", ["ham", "axis"], ["ham_column"]),
+             helper.make_node("Unsqueeze", ["spam", "axis"], ["spam_column"]),
+             helper.make_node("Concat", ["ham_column", "spam_column"], ["logits"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "toy", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "length"]),
+                       helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor("ten", TensorProto.FLOAT, [], [10.0]), helper.make_tensor("axis", TensorProto.INT64, [1], [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    decision = {"label_names": ["ham", "spam"], "positive_label": "spam", "threshold": 0.55, "rule": "fixed",
+                "target": 0.5, "temperature": 1.0, "measured": {}}
+    meta = {"decision": decision, "padding": {"padding": "batch", "pad_length": None, "context_length": 8},
+            "readout": {"pooling": "last_nonpad"}, "context_length": 1024, "source": {"model_name": "toy"}}
+    for key, value in {**{k: json.dumps(v) for k, v in meta.items()}, "quantization": "none"}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return path
+
+
+def test_loading_and_running_an_onnx_graph_through_spamclf_imports_no_torch(tmp_path):
+    """`spamclf.load` picks the backend from the suffix and imports only it."""
+    graph = _toy_graph(tmp_path / "toy.onnx")
+    code = (f"import spamclf; c = spamclf.load({str(graph)!r}); p = c.predict(['hi', 'a longer message', 'x ' * 20]); "
+            f"assert [(x.label, x.truncated) for x in p] == [('ham', False), ('spam', False), ('spam', True)], p")
+    assert "torch" not in _imported_after(code)
 
 
 def _imports(path: Path) -> set[str]:
