@@ -93,12 +93,14 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    if args.child:
-        child(args.child, args)
-        return 0
     try:
+        if args.child:
+            child(args.child, args)
+            return 0
         cases = selected(args.cases)
-    except SpamclfError as error:
+        if args.json and not Path(args.json).resolve().parent.is_dir():  # found out now, not after the cases ran
+            raise SpamclfError(f"--json {args.json}: its folder does not exist; create it or choose another path")
+    except SpamclfError as error:  # one line, no traceback; a child's reaches the parent's "case failed" line
         print(f"error: {error}", file=sys.stderr)
         return 2
     results = {}

@@ -74,10 +74,13 @@ def test_benchmark_runs_in_tiny_mode(tiny_bench):
     assert all(r[-1].endswith("%") and 0 <= float(r[-1][:-1]) <= 200 for r in levels)  # the client's own CPU share
 
 
-def test_an_unknown_case_ends_in_one_line():
+def test_user_mistakes_end_in_one_line_before_any_case_runs():
     bad = _bench("--cases", "warp", timeout=120)
     assert bad.returncode == 2 and "unknown" in bad.stderr and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("error: --cases warp")
+    nowhere = _bench("--cases", "peer", "--json", "/no/such/folder/results.json", timeout=120)
+    assert nowhere.returncode == 2 and nowhere.stderr.strip().splitlines() == [
+        "error: --json /no/such/folder/results.json: its folder does not exist; create it or choose another path"]
 
 
 @pytest.mark.hardware
