@@ -25,7 +25,7 @@ lint: $(STAMP)  # lint rules only: the code is laid out by hand (long table-like
 	$(BIN)/ruff check spamclf tests train.py
 
 bench: $(STAMP)
-	$(BIN)/python -m spamclf.bench $(ARGS)
+	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
 	rm -rf logs outputs .pytest_cache

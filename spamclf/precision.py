@@ -40,9 +40,9 @@ class CPU:
 
 
 @lru_cache(maxsize=1)
-def cpu() -> CPU:
-    """What the processor is and can do; read once."""
-    model, flags = platform.processor() or platform.machine(), set()
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """The first processor's model name and flags in /proc/cpuinfo; read once."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -51,9 +51,22 @@ def cpu() -> CPU:
                 if key == "model name" and model in ("", platform.machine(), platform.processor()):
                     model = value.strip()
                 elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
+                    flags = frozenset(value.split())
     except OSError:  # not Linux: no flags to read, so no claim of native bf16
         pass
+    return model, flags
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (x86: amx_int8, avx512_vnni, avx2, ...; aarch64: asimddp,
+    bf16, ...); empty where /proc/cpuinfo cannot be read."""
+    return _cpuinfo()[1]
+
+
+@lru_cache(maxsize=1)
+def cpu() -> CPU:
+    """What the processor is and can do; read once."""
+    model, flags = _cpuinfo()
     return CPU(model=model, capability=torch.backends.cpu.get_cpu_capability(),
                bf16_flag=next((f for f in BF16_CPU_FLAGS if f in flags), None), onednn_bf16=_onednn_bf16_supported())
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "spamclf"
+BENCHMARKS = PACKAGE.parent / "benchmarks"
 TRAINING_FRAMEWORKS = ("lightning", "lightning_fabric", "pytorch_lightning", "hydra", "torchmetrics", "omegaconf")
 
 
@@ -109,12 +110,24 @@ def test_no_import_cycles():
             visit(module, [])
 
 
+# Being shortened on another branch; they leave this list when it merges.
+STILL_LONG = {"datamodule.py:SpamDataModule.__init__", "pipeline.py:run"}
+
+
+def _functions(tree: ast.AST, prefix: str = ""):
+    """(qualified name, node) of every function in `tree`, methods as Class.method."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield prefix + node.name, node
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield from _functions(node, f"{prefix}{node.name}.")
+
+
 def test_functions_stay_short():
     long = []
-    for path in PACKAGE.glob("*.py"):
-        if path.name == "bench.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
-                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    for path in [*PACKAGE.glob("*.py"), *BENCHMARKS.glob("*.py")]:
+        for name, node in _functions(ast.parse(path.read_text())):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > 50 and f"{path.name}:{name}" not in STILL_LONG:
+                long.append(f"{path.parent.name}/{path.name}:{node.lineno} {name} ({lines} lines)")
     assert not long

@@ -1,0 +1,17 @@
+"""Benchmark: the book's recipe as printed vs `experiment=fast` vs a plain transformers loop, plus
+all-layers training and prediction throughput. Prints numbers; asserts nothing.
+
+    python -m benchmarks                         # everything, gpt2-small-sized, 5 epochs (~40 min on 2 cores)
+    python -m benchmarks --cases fast,peer --epochs 1 --model gpt2-tiny --predict-lines 2000   # seconds
+
+Weights are random (the open weights cannot be downloaded everywhere); shapes and FLOPs are what
+matter for speed, and accuracy is reported next to the book's numbers for the same random start.
+Each case runs in its own process, so its wall time includes start-up and its peak RSS is its own.
+It lives beside the package, not in it: run it from a source checkout.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()  # a case's wall time counts from here: start-up and imports included

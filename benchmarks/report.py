@@ -1,0 +1,186 @@
+"""The benchmark's tables, made from its result rows: `report(results, setting)` returns the text and leaves the
+rows as they were. `results`: {case: (result, peak RSS in bytes)}; `setting`: benchmarks.machine.setting()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.cases import ABLATIONS
+from benchmarks.flops import gflops, prediction_flops, training_phases
+from benchmarks.profiler import op_table, step_table
+
+GB = 1024**3
+# The book's own script, same recipe, measured on a 2-core AMD EPYC virtual machine (docs/speed.md).
+BOOK = {"script_min": 16.2, "script_rss_gb": 1.33, "script_cpu": "a 2-core AMD EPYC VM", "row10_test_acc": 0.9367}
+SERVE_GOAL_CONCURRENCY = 32  # the level compared with the CLI
+ENGINE_CASES = ("predict_fp32", "predict", "predict_onnx", "predict_int8")
+
+
+def report(results: dict, setting: dict) -> str:
+    sections = [_header(results, setting), _training(results), _comparisons(results), _ablations(results),
+                *(_serve(results, name) for name in ("serve", "serve_int8") if name in results),
+                _engines(results, setting), _int8_accuracy(results), _prediction(results), _profiles(results)]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _header(results: dict, setting: dict) -> list[str]:
+    cards = sorted({r["gpu"] for r, _ in results.values() if "gpu" in r})
+    machine = f"{', '.join(cards)} (+ {setting['cpu']})" if cards else f"{setting['cpu']}, {setting['cores']} cores"
+    return ["", f"spamclf benchmark — {setting['model']} (random weights), {setting['epochs']} epoch(s), batch 8; "
+                f"{machine}, torch {setting['torch']}", setting["cpu_header"], ""]
+
+
+def _training_row(case: str, r: dict, rss: int, gpu: bool) -> str:
+    s, t = r["summary"], r["tokens"]
+    fit, wall = s["timings"].get("fit_s", 0.0), r["process_s"]
+    examples = t["train_examples"] * r["epochs"]
+    train_real = t["real"]["train"] * t["train_examples"] / t["sizes"]["train"] * r["epochs"]
+    gpu_col = f"{r['gpu_peak_gb']:>8.2f}" if r.get("gpu_peak_gb") is not None else f"{'':>8}"
+    acc = s.get("test", {}).get("acc")
+    return (f"{case:<22}{s.get('precision', {}).get('used', '?'):>11}{wall:>9.1f}{fit:>9.1f}{wall - fit:>13.1f}"
+            f"{examples / fit:>12.1f}{train_real / fit:>11.0f}{rss / GB:>13.2f}{gpu_col}"
+            f"{acc if acc is not None else float('nan'):>10.4f}")
+
+
+def _training(results: dict) -> list[str]:
+    """The training cases' table, the peer's row last."""
+    gpu = any("gpu" in r for r, _ in results.values())
+    header = (f"{'case':<22}{'precision':>11}{'wall s':>9}{'fit s':>9}{'outside fit':>13}{'train ex/s':>12}"
+              f"{'tokens/s':>11}{'peak RSS GB':>13}{'GPU GB' if gpu else '':>8}{'test acc':>10}")
+    cases = [case for case in ("ch06", "fast", "all_layers", *ABLATIONS) if case in results]
+    lines = [header, "-" * len(header)] if cases else []
+    lines += [_training_row(case, *results[case], gpu) for case in cases]
+    if "peer" in results:
+        r, rss = results["peer"]
+        gpu_col = f"{r['gpu_peak_gb']:>8.2f}" if "gpu_peak_gb" in r else f"{'':>8}"
+        lines.append(f"{'peer (hf)':<22}{'32-true':>11}{r['process_s']:>9.1f}{r['fit_s']:>9.1f}"
+                     f"{r['process_s'] - r['fit_s']:>13.1f}{'':>12}{'':>11}{rss / GB:>13.2f}{gpu_col}"
+                     f"{r['test_acc']:>10.4f}")
+    return [*lines, ""]
+
+
+def _comparisons(results: dict) -> list[str]:
+    """Speed-ups between the training cases, the book's own script, and each case's FLOP rates."""
+    wall = {case: r["process_s"] for case, (r, _) in results.items() if "process_s" in r}
+    lines = []
+    if "ch06" in results and "fast" in results:
+        fit = {case: results[case][0]["summary"]["timings"]["fit_s"] for case in ("ch06", "fast")}
+        lines.append(f"fast vs ch06: {wall['ch06'] / wall['fast']:.1f}x wall, {fit['ch06'] / fit['fast']:.1f}x fit")
+    if "peer" in results and "fast" in results:
+        lines.append(f"fast vs peer: {wall['peer'] / wall['fast']:.1f}x wall")
+    if "ch06" in results and "peer" in results:
+        lines.append(f"ch06 vs peer: {wall['peer'] / wall['ch06']:.2f}x wall")
+    lines.append(f"book's own script, same recipe: {BOOK['script_min']} min, {BOOK['script_rss_gb']} GB peak RSS "
+                 f"on {BOOK['script_cpu']}")
+    for case in ("ch06", "fast", "all_layers"):
+        if case in results:
+            for phase, (flops, seconds) in training_phases(case, results[case][0]).items():
+                lines.append(f"  {case:<11} {phase:<40} {flops / 1e12:7.2f} TFLOP in {seconds:6.1f} s = "
+                             f"{gflops(flops, seconds):>5} GFLOP/s")
+    if "all_layers" in results:
+        acc = results["all_layers"][0]["summary"].get("test", {}).get("acc")
+        lines.append(f"all layers from random init: test acc {acc:.4f} vs the book's row 10: "
+                     f"{BOOK['row10_test_acc']:.4f}")
+    return lines
+
+
+def _ablations(results: dict) -> list[str]:
+    names = [name for name in ABLATIONS if name in results]
+    if not names:
+        return []
+    base = results.get("fast")
+    lines = ["", "experiment=fast with one piece taken away:"]
+    for name in names:
+        r, rss = results[name]
+        ratio = f", {r['process_s'] / base[0]['process_s']:.2f}x fast's wall" if base else ""
+        lines.append(f"  {name:<22} {' '.join(ABLATIONS[name]):<50} wall {r['process_s']:6.1f} s, fit "
+                     f"{r['summary']['timings']['fit_s']:6.1f} s, peak RSS {rss / GB:.2f} GB, test acc "
+                     f"{r['summary'].get('test', {}).get('acc', float('nan')):.4f}{ratio}")
+    return lines
+
+
+def _serve(results: dict, name: str) -> list[str]:
+    r, _ = results[name]
+    lines = ["", f"server (spamclf.serve, {r.get('engine', r['precision'])}, single-text requests from a Python "
+                 f"client on 127.0.0.1, memory of the server's processes loaded and idle: "
+                 f"RSS {r.get('rss_idle', 0) / GB:.2f} GB "
+                 f"summed, PSS {r.get('pss_idle', 0) / GB:.2f} GB; peak RSS {r['peak_rss'] / GB:.2f} GB):",
+             f"  {'concurrency':>11} {'requests':>9} {'failed':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+             f"{'RSS after GB':>13} {'PSS after GB':>13} {'client CPU':>11}"]
+    for c, level in r["levels"].items():
+        lines.append(f"  {c:>11} {level['requests']:>9} {level['failed']:>7} {level['rps']:>8.1f} "
+                     f"{level['p50_ms']:>8.1f} {level['p99_ms']:>8.1f} {level['rss_after'] / GB:>13.2f} "
+                     f"{level.get('pss_after', 0) / GB:>13.2f} {level.get('client_cpu', float('nan')):>11.0%}")
+    if "predict" in results and name == "serve":
+        cli = results["predict"][0]["lines"] / results["predict"][0]["wall_s"]
+        goal = r["levels"].get(str(SERVE_GOAL_CONCURRENCY), {}).get("rps", float("nan"))
+        lines.append(f"  at concurrency {SERVE_GOAL_CONCURRENCY}: {goal / cli:.0%} of the CLI's {cli:.0f} messages/s")
+    return lines
+
+
+def _engines(results: dict, setting: dict) -> list[str]:
+    """predict over the same file with each engine: messages/s after the model is loaded and with start-up."""
+    rows = [(name, *results[name]) for name in ENGINE_CASES if name in results]
+    if not rows:
+        return []
+    base = next((r["lines"] / (r["wall_s"] - r["loaded_s"]) for name, r, _ in rows if name == "predict_fp32"), None)
+    lines = ["", f"prediction engines (ONNX Runtime {setting.get('onnxruntime', '?')}, int8 kernels: "
+                 f"{setting.get('int8_kernel', '?')}), {rows[0][1]['lines']} lines each:",
+             f"  {'case':<14}{'engine':<12}{'precision':>10}{'load s':>8}{'msg/s loaded':>14}{'msg/s wall':>12}"
+             f"{'peak RSS GB':>13}{'vs fp32':>9}"]
+    for name, r, _ in rows:  # peak_rss: the predict process's own, sampled
+        rate = r["lines"] / max(r["wall_s"] - r["loaded_s"], 1e-9)
+        ratio = f"{rate / base:.2f}x" if base else "-"
+        lines.append(f"  {name:<14}{r['engine'].split(':')[0]:<12}{r['precision']:>10}{r['loaded_s']:>8.1f}"
+                     f"{rate:>14.1f}{r['lines'] / r['wall_s']:>12.1f}{r['peak_rss'] / GB:>13.2f}{ratio:>9}")
+    if "cold_start" in results:
+        for engine, run in results["cold_start"][0]["runs"].items():
+            lines.append(f"  cold start, one message, {engine:<11} median {run['median_s']:.2f} s "
+                         f"(min {run['min_s']:.2f}, max {run['max_s']:.2f}) process start to answer, "
+                         f"{run.get('cpu_median_s', float('nan')):.2f} s of CPU")
+    return lines
+
+
+def _int8_accuracy(results: dict) -> list[str]:
+    if "int8_accuracy" not in results:
+        return []
+    lines = ["", "int8 graph against its fp32 checkpoint (labels at the checkpoint's threshold):",
+             f"  {'run':<28}{'split':<12}{'messages':>9}{'agree':>9}{'FPR fp32':>10}{'FPR int8':>10}{'recall fp32':>13}"
+             f"{'recall int8':>13}"]
+    for run, r in results["int8_accuracy"][0]["runs"].items():
+        for split, m in r["splits"].items():
+            lines.append(f"  {(r['model'] or '?') + ' ' + Path(run).name:<28}{split:<12}{m['count']:>9}"
+                         f"{m['agreement']:>9.2%}{m['fp32']['fpr']:>10.2%}{m['int8']['fpr']:>10.2%}"
+                         f"{m['fp32']['recall']:>13.2%}{m['int8']['recall']:>13.2%}")
+    return lines
+
+
+def _prediction(results: dict) -> list[str]:
+    if "predict" not in results:
+        return []
+    r, rss = results["predict"]
+    return [f"prediction ({r['precision']}): {r['lines']} lines in {r['wall_s']:.1f} s = "
+            f"{r['lines'] / r['wall_s']:.0f} messages/s (start-up included), ~{r['mean_tokens']:.1f} tokens/message, "
+            f"{gflops(prediction_flops(r), r['wall_s'])} GFLOP/s; peak RSS {rss / GB:.2f} GB (first quarter "
+            f"{r['rss_first_quarter'] / GB:.2f} GB, rest {r['rss_rest'] / GB:.2f} GB)"]
+
+
+def _profiles(results: dict) -> list[str]:
+    """Where a training step's time goes, per profiled case: by part, then by op kind."""
+    lines = []
+    for case, (r, _) in results.items():
+        rows = step_table(r["profile"]) if r.get("profile") else []
+        if rows:
+            lines += ["", f"profile of {case}: a training step, {sum(ms for _, ms, _ in rows):.1f} ms on average",
+                      f"  {'part':<36} {'ms/step':>8} {'share':>7}"]
+            lines += [f"  {part:<36} {ms:>8.2f} {share:>7.1%}" for part, ms, share in rows]
+        if r.get("ops"):
+            ops, steps = r["ops"], r["ops"]["steps"]
+            lines.append(f"  the same steps by op (torch.profiler, {steps} steps from step 60: "
+                         f"{ops['wall_ms'] / steps:.1f} ms a step)")
+            if "unprofiled_wall_ms" in ops:
+                lines.append(f"  (the {steps} steps before, unprofiled: {ops['unprofiled_wall_ms'] / steps:.1f} "
+                             f"ms a step; minor page faults a step {ops['unprofiled_faults'] / steps:.0f} unprofiled, "
+                             f"{ops['faults'] / steps:.0f} profiled)")
+            lines += [f"  {kind:<36} {ms:>8.2f} {share:>7.1%}" for kind, ms, share in op_table(ops)]
+    return lines
