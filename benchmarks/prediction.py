@@ -98,16 +98,15 @@ def _compare_on_splits(run: Path, fp32, int8) -> dict:
 def case_int8_accuracy(args) -> dict:
     """For each run folder in --runs: the int8 graph's labels against the fp32 checkpoint's on the run's splits
     (validation.csv, test.csv, natural.csv), and FPR/recall at the checkpoint's threshold for both."""
-    from spamclf.inference import Classifier
-    from spamclf.onnx_classifier import OnnxClassifier
+    import spamclf
 
     results = {}
     for run in map(Path, filter(None, args.runs.split(","))):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             (tmp / "model.ckpt").symlink_to((run / "checkpoints" / "last.ckpt").resolve())
-            fp32 = Classifier.load(tmp / "model.ckpt", precision="fp32")
-            splits = _compare_on_splits(run, fp32, OnnxClassifier.load(export_graph(tmp, quantize=True)))
-        results[str(run)] = {"model": fp32.about.get("model_name"), "threshold": fp32.decision.threshold,
+            fp32 = spamclf.load(tmp / "model.ckpt", precision="fp32")
+            splits = _compare_on_splits(run, fp32, spamclf.load(export_graph(tmp, quantize=True)))
+        results[str(run)] = {"model": fp32.info()["model_name"], "threshold": fp32.decision.threshold,
                              "splits": splits}
     return {"runs": results}
