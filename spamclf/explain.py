@@ -5,9 +5,9 @@ before temperature) does each token carry, measured against the same message wit
 <|endoftext|> (GPT-2's padding, and what an empty message is)?
 - "ig": integrated gradients on the token embeddings (Captum's LayerIntegratedGradients over `model.tok_emb`);
   the contributions add up to the log-odds difference between the message and that baseline.
-- "occlusion": each token replaced by <|endoftext|> alone, one forward per token, batched; a contribution is
+- "occlusion": each word's tokens replaced by <|endoftext|>, one forward per word, batched; a contribution is
   the exact drop in log-odds, and they need not add up to anything.
-Tokens are summed into words, so the explanation reads as the message's own text.
+Explanations are per word (a word's tokens summed, or occluded together), so they read as the message's text.
 
 Inference side: torch (and Captum for "ig") only. The core functions take the network and the token ids;
 `explain(classifier, texts)` is the entry for a loaded `spamclf.inference.Classifier`.
@@ -37,10 +37,11 @@ BATCH_TOKENS = 4096  # positions per forward pass: bounds the activations IG kee
 
 
 @dataclass(frozen=True)
-class TokenContributions:
-    """One message's per-token contributions [n] and the two log-odds they are measured between."""
+class Contributions:
+    """One message's contributions (per token, or per group of tokens that are occluded together) and the two
+    log-odds they are measured between."""
 
-    tokens: torch.Tensor
+    values: torch.Tensor
     margin: float  # the message's positive log-odds
     baseline: float  # the same message with every token replaced by <|endoftext|>
     steps: int = 0  # integrated gradients' quadrature points (0: occlusion)
@@ -69,6 +70,11 @@ class Explanation:
         return {**asdict(self), "words": [[word, contribution] for word, contribution in self.words]}
 
 
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise InvalidOption("method", method, "one of " + ", ".join(METHODS))
+
+
 def positive_log_odds(logits: torch.Tensor, positive_index: int) -> torch.Tensor:
     """[B, C] → [B]: the positive class's logit against the rest; for two classes, positive minus negative."""
     others = torch.cat([logits[:, :positive_index], logits[:, positive_index + 1:]], dim=1)
@@ -94,18 +100,21 @@ def _log_odds(model: GPT2, readout: Readout, rows: torch.Tensor, length: int, po
 
 
 def occlusion(model: GPT2, readout: Readout, ids: Sequence[int], positive_index: int, pad_length: int | None = None,
-              batch_tokens: int = BATCH_TOKENS) -> TokenContributions:
-    """Exact leave-one-out: token i's contribution is the log-odds minus those with token i replaced by
-    <|endoftext|> (the message's other tokens keep their positions)."""
+              groups: Sequence[Sequence[int]] | None = None, batch_tokens: int = BATCH_TOKENS) -> Contributions:
+    """Exact leave-one-out: a group's contribution is the log-odds minus those with its tokens replaced by
+    <|endoftext|> (the other tokens keep their positions). `groups`: token positions occluded together (a
+    word's tokens), one forward each; None: each token alone."""
     device = next(model.parameters()).device
     row, _ = padded_row(ids, pad_length)
     n = len(ids)
-    rows = row.repeat(n + 2, 1)  # the message, each token occluded, and all of them (the baseline)
-    rows[torch.arange(1, n + 1), torch.arange(n)] = PAD_ID
-    rows[n + 1, :n] = PAD_ID
+    groups = [[i] for i in range(n)] if groups is None else groups
+    rows = row.repeat(len(groups) + 2, 1)  # the message, each group occluded, and every token (the baseline)
+    for j, group in enumerate(groups, start=1):
+        rows[j, list(group)] = PAD_ID
+    rows[-1, :n] = PAD_ID
     with torch.inference_mode():
         odds = _log_odds(model, readout, rows.to(device), n, positive_index, batch_tokens).cpu()
-    return TokenContributions(odds[0] - odds[1 : n + 1], float(odds[0]), float(odds[n + 1]))
+    return Contributions(odds[0] - odds[1:-1], float(odds[0]), float(odds[-1]))
 
 
 def _captum_integrated_gradients():
@@ -118,7 +127,7 @@ def _captum_integrated_gradients():
 
 def integrated_gradients(model: GPT2, readout: Readout, ids: Sequence[int], positive_index: int,
                          pad_length: int | None = None, steps: int = IG_STEPS, max_steps: int = IG_MAX_STEPS,
-                         batch_tokens: int = BATCH_TOKENS) -> TokenContributions:
+                         batch_tokens: int = BATCH_TOKENS) -> Contributions:
     """Integrated gradients of the log-odds along the straight line from the baseline's token embeddings
     (<|endoftext|> at every real token) to the message's; positions and padding are the same in both, so they
     get nothing. Starts with `steps` quadrature points and doubles them, up to `max_steps`, until the
@@ -148,20 +157,7 @@ def integrated_gradients(model: GPT2, readout: Readout, ids: Sequence[int], posi
     if gap > allowed:
         log.warning("integrated gradients with %d steps sum to %.4g, not %.4g; raise max_steps", steps,
                     float(per_token.sum()), margin - base)
-    return TokenContributions(per_token, margin, base, steps)
-
-
-def token_contributions(model: GPT2, readout: Readout, ids: Sequence[int], positive_index: int,
-                        method: str = DEFAULT_METHOD, pad_length: int | None = None, *, steps: int = IG_STEPS,
-                        batch_tokens: int = BATCH_TOKENS) -> TokenContributions:
-    """Per-token contributions to the positive class's log-odds of one message's ids (already truncated), by
-    `method` ("ig" or "occlusion"); `pad_length`: the fixed width the classifier pads to, or None."""
-    if method == "ig":
-        return integrated_gradients(model, readout, ids, positive_index, pad_length, steps=steps,
-                                    max_steps=max(steps, IG_MAX_STEPS), batch_tokens=batch_tokens)
-    if method == "occlusion":
-        return occlusion(model, readout, ids, positive_index, pad_length, batch_tokens)
-    raise InvalidOption("method", method, "one of " + ", ".join(METHODS))
+    return Contributions(per_token, margin, base, steps)
 
 
 def _starts_word(data: bytes, offset: int) -> bool:
@@ -190,25 +186,48 @@ def word_groups(ids: Sequence[int]) -> list[tuple[str, list[int]]]:
     return [(b"".join(pieces[i] for i in group).decode("utf-8", errors="replace"), group) for group in groups]
 
 
-def word_contributions(ids: Sequence[int], per_token: torch.Tensor) -> list[tuple[str, float]]:
-    """Per-token contributions summed into the message's words."""
-    return [(text, float(per_token[group].sum())) for text, group in word_groups(ids)]
+@dataclass(frozen=True)
+class WordContributions:
+    words: list[tuple[str, float]]  # (text, contribution): the texts join back to the message
+    margin: float
+    baseline: float
+    steps: int = 0
+
+
+def word_contributions(model: GPT2, readout: Readout, ids: Sequence[int], positive_index: int,
+                       method: str = DEFAULT_METHOD, pad_length: int | None = None, *, steps: int = IG_STEPS,
+                       batch_tokens: int = BATCH_TOKENS) -> WordContributions:
+    """Each word's contribution to the positive class's log-odds of one message's ids (already truncated), by
+    `method`: "ig" sums its tokens' integrated gradients, "occlusion" occludes its tokens together (one token
+    at a time misses a word whose pieces stand in for each other: docs/explain.md). `pad_length`: the fixed
+    width the classifier pads to, or None."""
+    groups = word_groups(ids)
+    if method == "ig":
+        found = integrated_gradients(model, readout, ids, positive_index, pad_length, steps=steps,
+                                     max_steps=max(steps, IG_MAX_STEPS), batch_tokens=batch_tokens)
+        values = [float(found.values[group].sum()) for _, group in groups]
+    elif method == "occlusion":
+        found = occlusion(model, readout, ids, positive_index, pad_length, [g for _, g in groups], batch_tokens)
+        values = found.values.tolist()
+    else:
+        check_method(method)
+    return WordContributions([(text, v) for (text, _), v in zip(groups, values)], found.margin, found.baseline,
+                             found.steps)
 
 
 def explain(classifier, texts: Sequence[str], method: str = DEFAULT_METHOD, steps: int = IG_STEPS,
             batch_tokens: int = BATCH_TOKENS) -> list[Explanation]:
     """One Explanation per text for a loaded classifier (its `model`, `readout`, `decision`, `width`,
     `pad_length`), truncated as its predictions are. Runs in fp32 whatever the classifier's precision."""
-    if method not in METHODS:
-        raise InvalidOption("method", method, "one of " + ", ".join(METHODS))
+    check_method(method)
     decision = classifier.decision
     ids, truncated = encode_truncated([str(t) for t in texts], classifier.width)
     out = []
     for row, cut in zip(ids, truncated):
-        found = token_contributions(classifier.model, classifier.readout, row, decision.positive, method,
-                                    classifier.pad_length, steps=steps, batch_tokens=batch_tokens)
-        words = word_contributions(row, found.tokens)
+        found = word_contributions(classifier.model, classifier.readout, row, decision.positive, method,
+                                   classifier.pad_length, steps=steps, batch_tokens=batch_tokens)
         out.append(Explanation(
-            text="".join(w for w, _ in words), words=words, total=float(found.tokens.sum()), margin=found.margin,
-            baseline=found.baseline, method=method, positive_label=decision.positive_label, truncated=cut))
+            text="".join(w for w, _ in found.words), words=found.words, total=sum(c for _, c in found.words),
+            margin=found.margin, baseline=found.baseline, method=method, positive_label=decision.positive_label,
+            truncated=cut))
     return out

@@ -11,7 +11,7 @@ import torch
 
 from spamclf.decision import Decision
 from spamclf.errors import InvalidOption
-from spamclf.explain import explain, integrated_gradients, occlusion, token_contributions, word_groups
+from spamclf.explain import explain, integrated_gradients, occlusion, word_contributions, word_groups
 from spamclf.heads import Readout, classifier_network
 from spamclf.inference import Classifier
 from spamclf.precision import resolve
@@ -95,7 +95,7 @@ def test_integrated_gradients_add_up_to_the_log_odds_difference(keyword_network,
     ids = encode_texts([text])[0]
     found = integrated_gradients(keyword_network, READOUT, ids, 1, pad_length, steps=64)
     difference = found.margin - found.baseline
-    assert abs(float(found.tokens.sum()) - difference) <= 0.02 * abs(difference) + 1e-3, (found, difference)
+    assert abs(float(found.values.sum()) - difference) <= 0.02 * abs(difference) + 1e-3, (found, difference)
 
 
 TEXTS = ["Hello, world!", "  leading spaces and  double  spaces", "café naïve résumé", "日本語のテキスト",
@@ -150,7 +150,7 @@ def test_occlusion_of_a_one_token_message_is_the_change_from_removing_it(keyword
     found = occlusion(keyword_network, READOUT, ids, 1, pad_length)
     removed = forward_log_odds(keyword_network, encode_texts([""])[0], pad_length)  # the empty message
     expected = forward_log_odds(keyword_network, ids, pad_length) - removed
-    assert float(found.tokens[0]) == pytest.approx(expected, abs=1e-4)
+    assert float(found.values[0]) == pytest.approx(expected, abs=1e-4)
     assert found.baseline == pytest.approx(removed, abs=1e-4)
 
 
@@ -160,9 +160,21 @@ def test_occlusion_is_each_tokens_exact_leave_one_out(keyword_network):
     full = forward_log_odds(keyword_network, ids, PAD_LENGTH)
     for i in range(len(ids)):
         without = forward_log_odds(keyword_network, ids[:i] + [PAD_ID] + ids[i + 1:], PAD_LENGTH)
-        assert float(found.tokens[i]) == pytest.approx(full - without, abs=1e-4)
+        assert float(found.values[i]) == pytest.approx(full - without, abs=1e-4)
+
+
+def test_occlusion_takes_a_words_tokens_out_together(keyword_network):
+    """A word's contribution is the change from occluding all its tokens at once: " zorbex" is three tokens that
+    stand in for each other, so that one at a time can miss it."""
+    ids = encode_texts([" the dog zorbex sun"])[0]
+    found = word_contributions(keyword_network, READOUT, ids, 1, "occlusion", PAD_LENGTH)
+    full = forward_log_odds(keyword_network, ids, PAD_LENGTH)
+    for (_, contribution), (_, group) in zip(found.words, word_groups(ids)):
+        occluded = [PAD_ID if i in group else t for i, t in enumerate(ids)]
+        assert contribution == pytest.approx(full - forward_log_odds(keyword_network, occluded, PAD_LENGTH), abs=1e-4)
+    assert [word for word, _ in found.words] == [" the", " dog", " zorbex", " sun"]
 
 
 def test_an_unknown_method_names_the_choices(keyword_network):
     with pytest.raises(InvalidOption, match="method='shap' is not valid; choose one of ig, occlusion"):
-        token_contributions(keyword_network, READOUT, [1, 2], 1, method="shap")
+        word_contributions(keyword_network, READOUT, [1, 2], 1, method="shap")
