@@ -121,7 +121,8 @@ def _captum_integrated_gradients():
     try:
         from captum.attr import LayerIntegratedGradients
     except ImportError:
-        raise SpamclfError("method='ig' needs Captum: pip install 'spamclf[explain]' (or use method='occlusion')") from None
+        raise SpamclfError("method='ig' needs Captum: pip install 'spamclf[explain]' (or use method='occlusion')"
+                           ) from None
     return LayerIntegratedGradients
 
 
@@ -143,7 +144,8 @@ def integrated_gradients(model: GPT2, readout: Readout, ids: Sequence[int], posi
 
     attribute = _captum_integrated_gradients()(forward, model.tok_emb).attribute
     with torch.inference_mode():
-        margin, base = _log_odds(model, readout, torch.cat([row, baseline]), len(ids), positive_index, batch_tokens).tolist()
+        ends = _log_odds(model, readout, torch.cat([row, baseline]), len(ids), positive_index, batch_tokens)
+    margin, base = ends.tolist()
     allowed = IG_TOLERANCE * abs(margin - base) + IG_ABSOLUTE_TOLERANCE
     while True:
         with torch.enable_grad():

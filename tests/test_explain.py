@@ -71,8 +71,8 @@ def keyword_network():
 @pytest.fixture(scope="module")
 def keyword_classifier(keyword_network):
     decision = Decision.configured(("ham", "spam"), "spam")
-    return Classifier(keyword_network, READOUT, decision, {"pad_length": PAD_LENGTH}, resolve("fp32", torch.device("cpu")),
-                      torch.device("cpu"))
+    cpu = torch.device("cpu")
+    return Classifier(keyword_network, READOUT, decision, {"pad_length": PAD_LENGTH}, resolve("fp32", cpu), cpu)
 
 
 POSITIVES = [" zorbex the cat run big tree", " the dog zorbex sun", " red fish day night bird car zorbex"]
