@@ -1,7 +1,7 @@
 """Why a message was flagged: each word's contribution to the positive class's log-odds (docs/explain.md).
 
 Two methods, one question: how much of the message's log-odds (positive class against the rest, in logits
-before temperature) does each token carry, measured against the same message with every token replaced by
+before temperature) does each word carry, measured against the same message with every token replaced by
 <|endoftext|> (GPT-2's padding, and what an empty message is)?
 - "ig": integrated gradients on the token embeddings (Captum's LayerIntegratedGradients over `model.tok_emb`);
   the contributions add up to the log-odds difference between the message and that baseline.
