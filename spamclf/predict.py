@@ -3,10 +3,12 @@
     python -m spamclf.predict --ckpt logs/train/runs/<run>/checkpoints/last.ckpt --text "WIN a prize!" --text "see you at 5"
     python -m spamclf.predict --ckpt CKPT --input messages.csv [--text-column text] --output predictions.jsonl
     python -m spamclf.predict --onnx DIR/model.onnx --input messages.txt     # ONNX Runtime, no torch imported
+    python -m spamclf.predict --ckpt CKPT --input inbox.mbox --explain      # mail, with each word's contribution
 
 Input files are streamed in chunks, so memory stays flat however long the file is: `.txt` holds one
 message per line; `.csv`/`.tsv` need a header naming the text column, except header-less
-`label<TAB>text` files like the SMS collection.
+`label<TAB>text` files like the SMS collection. Mail (an `.eml`, an mbox, a Maildir or a folder of them) is read
+by `spamclf.mail`; each output line then names its message under "source".
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import spamclf
 from spamclf.classifier import PRECISION_CHOICES
 from spamclf.errors import DataError, SpamclfError
 from spamclf.io import atomic_file
+from spamclf.mail import is_mail_source, iter_mail
 from spamclf.progress import progress_bar
 
 csv.field_size_limit(2**31 - 1)
@@ -89,58 +93,102 @@ def _numbered(fh, path: str, encoding: str) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path}:{lineno + 1}: bytes that are not valid {encoding}; re-save as UTF-8 or pass --encoding") from None
 
 
-def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+def chunks(items: Iterable, size: int) -> Iterator[list]:
     it = iter(items)
     while chunk := list(islice(it, size)):
         yield chunk
 
 
-def predict_stream(classifier, texts: Iterable[str], out, batch_tokens: int = 2048, chunk_size: int = 4096,
-                   advance: Callable[[int], None] | None = None) -> int:
-    """Write one JSON line per text to `out`; returns how many. `advance(n)`: n more messages done."""
+def input_records(path: str, text_column: str, encoding: str, headers: Sequence[str]) -> Iterator[tuple[str | None, str]]:
+    """(source name, text) of each message of --input: mail names its messages, a text file does not."""
+    if is_mail_source(path):
+        return iter_mail(path, headers)
+    return ((None, text) for text in iter_texts(path, text_column, encoding))
+
+
+def predict_stream(classifier, records: Iterable[tuple[str | None, str]], out, batch_tokens: int = 2048,
+                   chunk_size: int = 4096, advance: Callable[[int], None] | None = None,
+                   explain_method: str | None = None) -> int:
+    """Write one JSON line per (source, text) record to `out`; returns how many. `advance(n)`: n more messages
+    done. `explain_method`: add each message's per-word explanation (`spamclf.explain`)."""
     count = 0
-    for chunk in chunks(texts, chunk_size):
-        for result in classifier.predict(chunk, batch_tokens=batch_tokens, progress=advance):
-            out.write(json.dumps(result.as_dict(), ensure_ascii=False) + "\n")
+    for chunk in chunks(records, chunk_size):
+        texts = [text for _, text in chunk]
+        rows = [result.as_dict() for result in classifier.predict(texts, batch_tokens=batch_tokens, progress=advance)]
+        if explain_method is not None:
+            from spamclf.explain import explain
+
+            for row, explanation in zip(rows, explain(classifier, texts, method=explain_method)):
+                row["explanation"] = explanation.as_dict()
+        for (source, _), row in zip(chunk, rows):
+            out.write(json.dumps(row if source is None else {"source": source, **row}, ensure_ascii=False) + "\n")
         if advance is not None:  # repeated texts in the chunk were classified once, counted here
-            advance(len(chunk) - len(set(chunk)))
+            advance(len(texts) - len(set(texts)))
         count += len(chunk)
     return count
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m spamclf.predict", description=__doc__.split("\n\n")[0])
     add_model_flags(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a message to classify (repeatable)")
-    source.add_argument("--input", help=".txt (one message per line), .csv or .tsv file")
+    source.add_argument("--input", help=".txt (one message per line), .csv or .tsv file; or mail: an .eml, an mbox, "
+                                        "a Maildir or a folder of them")
     parser.add_argument("--output", help="write JSON lines here instead of standard output")
     parser.add_argument("--text-column", default="text", help="column of --input CSV/TSV files holding the text")
     parser.add_argument("--encoding", default="utf-8")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per batch (short messages go many to a batch)")
     parser.add_argument("--chunk-size", type=int, default=4096, help="messages read from --input at a time")
     parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="the same as --precision bf16")
+    parser.add_argument("--explain", action="store_true",
+                        help="--ckpt only: add each word's contribution to the positive class (docs/explain.md)")
+    parser.add_argument("--explain-method", default=None, help="occlusion (the default) or ig (integrated gradients)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def explain_method(args: argparse.Namespace) -> str | None:
+    """The explanation method asked for, or None; an ONNX graph has no gradients or torch network to explain."""
+    if not args.explain:
+        if args.explain_method is not None:
+            raise SpamclfError("--explain-method needs --explain: add --explain or drop --explain-method")
+        return None
+    if args.onnx is not None:
+        raise SpamclfError("--explain needs the torch network: pass the checkpoint with --ckpt instead of --onnx")
+    from spamclf.explain import DEFAULT_METHOD, METHODS
+
+    method = args.explain_method or DEFAULT_METHOD
+    if method not in METHODS:
+        raise SpamclfError(f"--explain-method {method}: no such method; use one of {', '.join(METHODS)}")
+    return method
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         target = None if args.output is None else Path(args.output)
         if target is not None and not target.parent.is_dir():
             raise DataError(f"{target.parent}: output folder does not exist; create it or fix --output")
-        if args.text is not None:
-            texts, total = args.text, len(args.text)
-        else:  # one cheap pass first: the bar's total, and a bad file fails before the model loads
-            total = sum(1 for _ in iter_texts(args.input, args.text_column, args.encoding))
-            texts = iter_texts(args.input, args.text_column, args.encoding)
+        method = explain_method(args)
         path, options = model_source(args)
         classifier = spamclf.load(path, **options)
         precision = classifier.precision
         print(f"precision {precision.requested} -> {precision.name}: {precision.reason}", file=sys.stderr)
+        headers = classifier.tokenization.get("mail_headers") or ()
+        if args.text is not None:
+            records, total = [(None, text) for text in args.text], len(args.text)
+        else:  # one cheap pass first: the bar's total, and a bad file fails before anything is written
+            total = sum(1 for _ in input_records(args.input, args.text_column, args.encoding, headers))
+            records = input_records(args.input, args.text_column, args.encoding, headers)
         with progress_bar("classifying", total, enabled=not args.no_progress and args.input is not None) as advance:
+            run = partial(predict_stream, classifier, records, batch_tokens=args.batch_tokens,
+                          chunk_size=args.chunk_size, advance=advance, explain_method=method)
             if target is None:
-                predict_stream(classifier, texts, sys.stdout, args.batch_tokens, args.chunk_size, advance)
+                run(out=sys.stdout)
                 return 0
             with atomic_file(target) as out:  # a failed run never leaves a half-written output file
-                count = predict_stream(classifier, texts, out, args.batch_tokens, args.chunk_size, advance)
+                count = run(out=out)
         print(f"wrote {count} predictions to {target}", file=sys.stderr)
         return 0
     except SpamclfError as e:
