@@ -176,3 +176,53 @@ def test_screenshot_shows_the_label_probability_and_the_bar(page, server, tmp_pa
     row = [image.getpixel((x, middle)) for x in range(round(bar["x"]), round(bar["x"] + bar["width"]))]
     filled = sum(all(abs(a - b) <= 8 for a, b in zip(pixel, BAR_COLOURS[label])) for pixel in row)
     assert filled / bar["width"] == pytest.approx(probability, abs=0.02)  # the threshold marker covers 3 px at most
+
+
+KEY = "page-test-key_51c0e2"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_run, browser, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("page-key") / "api-key"
+    key_file.write_text(KEY + "\n")
+    base, proc = start_server(["--ckpt", str(tiny_run / "checkpoints" / "last.ckpt"), "--precision", "fp32",
+                               "--api-key-file", str(key_file)], tiny_run / "page-keyed-server.log", ROOT)
+    yield base
+    stop_server(proc)
+
+
+def test_a_server_with_a_key_is_asked_for_it_once_per_tab_and_again_when_it_is_refused(browser, keyed_server):
+    context = browser.new_context(viewport={"width": 400, "height": 900})
+    tab = context.new_page()
+    tab.set_default_timeout(60_000)
+    sent = []
+    tab.on("request", lambda r: sent.append((r.url, r.headers.get("x-api-key"))) if r.url.endswith("/predict") else None)
+    try:
+        tab.goto(keyed_server + "/")
+        tab.wait_for_selector("#key-box:not([hidden])")  # the model card's /info was refused: the page asks
+        assert tab.evaluate("document.body.dataset.ready") is None
+        tab.fill("#key-input", KEY + "-wrong")
+        tab.click("#key-submit")
+        tab.wait_for_function("document.querySelector('#key-note').textContent.includes('did not accept')")
+        assert tab.is_visible("#key-box")  # asked again
+        tab.fill("#key-input", KEY)
+        tab.press("#key-input", "Enter")
+        tab.wait_for_selector("body[data-ready=true]")
+        assert not tab.is_visible("#key-box")
+        assert tab.evaluate("sessionStorage.getItem('spamclf-api-key')") == KEY
+        for _ in range(2):  # a second prediction is not asked for the key again
+            tab.fill("#one-text", SPAM)
+            tab.press("#one-text", "Enter")
+            tab.wait_for_selector("#one-result:not([hidden])")
+        status, answer = http_request(keyed_server + "/predict", {"text": SPAM}, headers={"X-API-Key": KEY})
+        assert status == 200 and tab.inner_text("#one-label") == answer["label"]
+        assert tab.inner_text("#one-prob") == f"{100 * answer['probabilities']['spam']:.1f}%"
+        assert sent == [(keyed_server + "/predict", KEY)] * 2 and not tab.is_visible("#key-box")
+        tab.reload()  # the tab keeps the key
+        tab.wait_for_selector("body[data-ready=true]")
+        assert not tab.is_visible("#key-box")
+        tab.evaluate("sessionStorage.setItem('spamclf-api-key', 'stale')")  # a key the server no longer takes
+        tab.reload()
+        tab.wait_for_function("document.querySelector('#key-note').textContent.includes('did not accept')")
+    finally:
+        context.close()
