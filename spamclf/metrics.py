@@ -25,6 +25,7 @@ from typing import Any
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_PATH = "/metrics"
+FOLDER_PREFIX = "spamclf-metrics-"
 # Texts per model call: single-text requests batch up to --max-batch-size, a "texts" request brings up to
 # --max-texts (256) of its own.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
@@ -36,13 +37,33 @@ def metrics_folder() -> Iterator[Path]:
     if "prometheus_client" in sys.modules:
         raise RuntimeError("prometheus_client was imported before the metrics folder was set: its values would stay "
                            "in one process; enter metrics_folder() first")
-    folder = Path(tempfile.mkdtemp(prefix="spamclf-metrics-"))
+    remove_abandoned_folders(Path(tempfile.gettempdir()))
+    folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
     os.environ[MULTIPROC_ENV] = str(folder)
     try:
         yield folder
     finally:
         os.environ.pop(MULTIPROC_ENV, None)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_abandoned_folders(parent: Path) -> None:
+    """Remove the metrics folders of this user's servers that were killed before they could (SIGKILL, out of memory):
+    a folder is named after its server's process id."""
+    for folder in parent.glob(f"{FOLDER_PREFIX}*-*"):
+        pid = folder.name.removeprefix(FOLDER_PREFIX).split("-")[0]
+        if pid.isdigit() and folder.stat().st_uid == os.getuid() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from spamclf.api_key import KEY_ENV, LITSERVE_KEY_ENV, REFUSAL, KeyCheck, exposure_warning, presented_key, read_api_key
 from spamclf.errors import SpamclfError
+from spamclf.metrics import FOLDER_PREFIX, remove_abandoned_folders
 from tests.helpers import http_request, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,3 +177,15 @@ def test_key_check_reads_both_headers_and_leaves_health_open():
     assert check.allows("/health", {}) and KeyCheck(None).allows("/predict", {})
     assert presented_key({"x-api-key": "a", "authorization": "Bearer b"}) == "a" and presented_key({}) == ""
     assert "s3cret" not in repr(vars(check))  # only the digest travels to LitServe's processes
+
+
+def test_a_killed_servers_metrics_folder_is_removed_by_the_next_start(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned, live = tmp_path / f"{FOLDER_PREFIX}{dead.stdout.strip()}-x1", tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-x2"
+    for folder in (abandoned, live):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"0")
+    other = tmp_path / "spamclf-metrics-notapid-x3"
+    other.mkdir()
+    remove_abandoned_folders(tmp_path)
+    assert not abandoned.exists() and live.is_dir() and other.is_dir()
