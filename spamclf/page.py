@@ -30,7 +30,8 @@ class PageMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
-            headers = [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(self.page)).encode()),
+            headers = [(b"content-type", b"text/html; charset=utf-8"),
+                       (b"content-length", str(len(self.page)).encode()),
                        (b"cache-control", b"no-cache"), (b"x-content-type-options", b"nosniff")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else self.page})

@@ -62,8 +62,8 @@ class PredictRequest(BaseModel):
             raise ValueError('give exactly one of "text" (a string) or "texts" (a non-empty list of strings)')
         limit = type(self).max_texts
         if self.texts is not None and len(self.texts) > limit:
-            raise ValueError(f'"texts" holds {len(self.texts)} texts, more than the server takes in one request ({limit}); '
-                             f"send several requests")
+            raise ValueError(f'"texts" holds {len(self.texts)} texts, more than the server takes in one request '
+                             f"({limit}); send several requests")
         return self
 
 

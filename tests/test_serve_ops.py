@@ -171,7 +171,8 @@ def _empty(folder: Path) -> Path:
 
 def test_key_check_reads_both_headers_and_leaves_health_open():
     check = KeyCheck("s3cret")
-    assert check.allows("/predict", {"x-api-key": "s3cret"}) and check.allows("/info", {"authorization": "Bearer s3cret"})
+    assert check.allows("/predict", {"x-api-key": "s3cret"})
+    assert check.allows("/info", {"authorization": "Bearer s3cret"})
     assert not check.allows("/predict", {}) and not check.allows("/predict", {"x-api-key": "S3CRET"})
     assert not check.allows("/predict", {"authorization": "s3cret"})  # no scheme is no key
     assert check.allows("/health", {}) and KeyCheck(None).allows("/predict", {})
@@ -181,7 +182,8 @@ def test_key_check_reads_both_headers_and_leaves_health_open():
 
 def test_a_killed_servers_metrics_folder_is_removed_by_the_next_start(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    abandoned, live = tmp_path / f"{FOLDER_PREFIX}{dead.stdout.strip()}-x1", tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-x2"
+    abandoned = tmp_path / f"{FOLDER_PREFIX}{dead.stdout.strip()}-x1"
+    live = tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-x2"
     for folder in (abandoned, live):
         folder.mkdir()
         (folder / "counter_1.db").write_bytes(b"0")
