@@ -23,6 +23,7 @@ problem; a body over --max-body-bytes is a 413. The server goes on serving.
 # No `from __future__ import annotations`: LitServe reads `decode_request`'s annotation as an object (the
 # pydantic model that validates requests), and a postponed annotation would be a string.
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -182,8 +183,17 @@ def stop_on_sigterm() -> None:
     """SIGTERM (a service manager, `kill`, a container stop) shuts the server down as Ctrl+C does. LitServe 0.2.19's
     `LitServer.run` documents SIGTERM as a graceful shutdown, but its main process stops its spawned inference
     workers only on KeyboardInterrupt (its `except KeyboardInterrupt` around `_shutdown_event.wait()`); without
-    this, SIGTERM left them running. tests/test_serve.py checks that no process outlives a SIGTERM."""
+    this, SIGTERM left them running. tests/test_serve.py checks that no process outlives a SIGTERM.
+
+    The API server LitServe forks inherits the handler; uvicorn there re-raises the SIGTERM it caught once it has
+    shut down, and that process then ends as SIGTERM's default would, without a KeyboardInterrupt traceback."""
+    main_process = os.getpid()
+
     def interrupt(signum, frame):
+        if os.getpid() != main_process:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
