@@ -124,8 +124,8 @@ def build_server(model: str, options: dict | None = None, max_batch_size: int = 
                             batch_timeout=batch_timeout)
     device = options.get("device") or "cpu"
     accelerator = "cuda" if device.startswith("cuda") else device
-    # The page is outside the metrics so that its requests are counted; /docs and /openapi.json cannot ask for a
-    # key, so a server with one goes without them.
+    # The metrics middleware (listed last: the outer one) counts the page's requests too. /docs and /openapi.json
+    # cannot ask for a key, so a server with one goes without them.
     server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=timeout,
                           model_metadata=info, max_payload_size=max_body_bytes, disable_openapi_url=key_check.required,
                           middlewares=[page_middleware(), metrics_middleware(("/", "/predict", "/info", "/health"))])
