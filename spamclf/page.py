@@ -1,6 +1,7 @@
 """The page people try the classifier in: `GET /` on `spamclf.serve` answers `spamclf/assets/page.html`, one
 self-contained file (inline CSS and JavaScript, nothing fetched from elsewhere, so it works offline) that calls the
-server's own `/info` and `/predict`.
+server's own `/info` and `/predict`. It is served without the server's API key (it holds nothing but the page)
+so that it can ask for one: on a 401 it shows a key prompt and sends the key it is given with every call.
 
 How it is added: LitServe 0.2.19 registers its own `GET /` ("litserve running") while `LitServer.__init__` builds
 the FastAPI app (`LitServer.app`), and Starlette answers with the first route that matches, so a route added to
@@ -29,7 +30,8 @@ class PageMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
-            headers = [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(self.page)).encode()),
+            headers = [(b"content-type", b"text/html; charset=utf-8"),
+                       (b"content-length", str(len(self.page)).encode()),
                        (b"cache-control", b"no-cache"), (b"x-content-type-options", b"nosniff")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else self.page})

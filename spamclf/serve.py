@@ -9,7 +9,11 @@
 (up to --max-batch-size, waiting at most --batch-timeout seconds) are classified in one call of the
 classifier's `predict` (`spamclf.load`: `Classifier` or `OnnxClassifier`), the same path as the CLI, at the
 precision `auto` picks for the hardware. `GET /` is a page to try it in a browser (`spamclf.page`);
-`GET /health` is 200 once the model is loaded; `GET /info` describes the model.
+`GET /health` is 200 once the model is loaded; `GET /info` describes the model; `GET /metrics` is for Prometheus
+(`spamclf.metrics`).
+
+With a key (--api-key-file FILE, or $SPAMCLF_API_KEY) every route but /health answers 401 unless the request
+carries it as `X-API-Key: KEY` or `Authorization: Bearer KEY` (`spamclf.api_key`); the page asks for it.
 
 Requests are checked before they reach the model (FastAPI + pydantic): a body that is not JSON, without
 "text"/"texts", with a non-string, an empty list or more than --max-texts texts is a 422 naming the
@@ -19,16 +23,21 @@ problem; a body over --max-body-bytes is a 413. The server goes on serving.
 # No `from __future__ import annotations`: LitServe reads `decode_request`'s annotation as an object (the
 # pydantic model that validates requests), and a postponed annotation would be a string.
 import argparse
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import ClassVar
 
 import litserve as ls
+from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import spamclf
+from spamclf.api_key import KEY_ENV, KEY_FLAG, KeyCheck, exposure_warning, read_api_key
 from spamclf.classifier import release_freed_memory
 from spamclf.errors import SpamclfError
+from spamclf.metrics import METRICS_PATH, metrics_folder, metrics_middleware, record_batch, scrape
 from spamclf.page import page_middleware
 from spamclf.predict import add_model_flags, model_source
 
@@ -54,18 +63,25 @@ class PredictRequest(BaseModel):
             raise ValueError('give exactly one of "text" (a string) or "texts" (a non-empty list of strings)')
         limit = type(self).max_texts
         if self.texts is not None and len(self.texts) > limit:
-            raise ValueError(f'"texts" holds {len(self.texts)} texts, more than the server takes in one request ({limit}); '
-                             f"send several requests")
+            raise ValueError(f'"texts" holds {len(self.texts)} texts, more than the server takes in one request '
+                             f"({limit}); send several requests")
         return self
 
 
 class SpamClassifierAPI(ls.LitAPI):
     """LitServe's view of a model: decode → batch → the classifier's `predict` → unbatch → encode. `model` and
-    `options`: what `spamclf.load` gets (a .ckpt or .onnx path; device, precision, threads)."""
+    `options`: what `spamclf.load` gets (a .ckpt or .onnx path; device, precision, threads); `key_check`: who may
+    call it (LitServe's `authorize` hook; by default everyone)."""
 
-    def __init__(self, model: str, options: dict | None = None, batch_tokens: int = 2048, **kwargs):
+    def __init__(self, model: str, options: dict | None = None, batch_tokens: int = 2048,
+                 key_check: KeyCheck | None = None, **kwargs):
         super().__init__(**kwargs)
         self.model_path, self.options, self.batch_tokens = str(model), dict(options or {}), batch_tokens
+        self.key_check = key_check or KeyCheck()
+
+    def authorize(self, request: Request) -> None:
+        """A FastAPI dependency LitServe puts on /predict, /info and /health (`KeyCheck` leaves /health open)."""
+        self.key_check(request)
 
     def setup(self, device):
         self.model = spamclf.load(self.model_path, **self.options)
@@ -79,6 +95,7 @@ class SpamClassifierAPI(ls.LitAPI):
 
     def predict(self, inputs):
         texts = [t for batch_texts, _ in inputs for t in batch_texts]
+        record_batch(len(texts))
         results = iter(p.as_dict() for p in self.model.predict(texts, batch_tokens=self.batch_tokens))
         return [([next(results) for _ in batch_texts], many) for batch_texts, many in inputs]
 
@@ -92,8 +109,9 @@ class SpamClassifierAPI(ls.LitAPI):
 
 def build_server(model: str, options: dict | None = None, max_batch_size: int = MAX_BATCH_SIZE,
                  batch_timeout: float = BATCH_TIMEOUT, max_body_bytes: int = 1 << 20, batch_tokens: int = 2048,
-                 timeout: float = 30, max_texts: int = 256):
-    """A server of the classifier `spamclf.load(model, **options)` opens (a .ckpt or .onnx path)."""
+                 timeout: float = 30, max_texts: int = 256, api_key: str | None = None):
+    """A server of the classifier `spamclf.load(model, **options)` opens (a .ckpt or .onnx path), open to callers
+    with `api_key` (everyone when None). Run it inside `spamclf.metrics.metrics_folder()` for /metrics."""
     options = dict(options or {})
     # Read once here for /info (a bad file fails here, in one line); the inference worker loads its own copy.
     classifier = spamclf.load(model, **options)
@@ -101,23 +119,24 @@ def build_server(model: str, options: dict | None = None, max_batch_size: int = 
     del classifier
     release_freed_memory()  # this process (and the API servers LitServe forks from it) no longer holds the model
     PredictRequest.max_texts = max_texts
-    api = SpamClassifierAPI(model, options, batch_tokens, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    key_check = KeyCheck(api_key)
+    api = SpamClassifierAPI(model, options, batch_tokens, key_check, max_batch_size=max_batch_size,
+                            batch_timeout=batch_timeout)
     device = options.get("device") or "cpu"
     accelerator = "cuda" if device.startswith("cuda") else device
-    return ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=timeout,
-                        model_metadata=info, max_payload_size=max_body_bytes, middlewares=[page_middleware()])
+    # The metrics middleware (listed last: the outer one) counts the page's requests too. /docs and /openapi.json
+    # cannot ask for a key, so a server with one goes without them.
+    server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=timeout,
+                          model_metadata=info, max_payload_size=max_body_bytes, disable_openapi_url=key_check.required,
+                          middlewares=[page_middleware(), metrics_middleware(("/", "/predict", "/info", "/health"))])
+    labels = {"sha256": info.get("sha256", "unknown"), "format": Path(model).suffix.lstrip(".")}
+    server.app.add_api_route(METRICS_PATH, scrape(labels), methods=["GET"], include_in_schema=False,
+                             dependencies=[Depends(api.authorize)])
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spamclf.serve", description=__doc__.split("\n\n")[0])
-    add_model_flags(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface, reachable by others)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help="requests classified together at most")
-    parser.add_argument("--batch-timeout", type=float, default=BATCH_TIMEOUT, help="seconds a request waits for others to batch with")
-    parser.add_argument("--max-texts", type=int, default=256, help='most texts in one request\'s "texts"')
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
-    parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per model batch (as spamclf.predict)")
+    parser = _parser()
     args = parser.parse_args(argv)
     for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-texts", args.max_texts),
                         ("--max-body-bytes", args.max_body_bytes)):
@@ -126,23 +145,55 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_timeout < 0:
         parser.error("--batch-timeout must be 0 or more")
     try:
+        api_key = read_api_key(args.api_key_file)  # before the model loads: a bad key file fails at once
         model, options = model_source(args)
         server = build_server(model, options, args.max_batch_size, args.batch_timeout, args.max_body_bytes,
-                              args.batch_tokens, max_texts=args.max_texts)
+                              args.batch_tokens, max_texts=args.max_texts, api_key=api_key)
     except SpamclfError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if warning := exposure_warning(args.host, api_key is not None):
+        print(warning, file=sys.stderr, flush=True)
     stop_on_sigterm()
-    server.run(host=args.host, port=args.port, generate_client_file=False)
+    with metrics_folder():
+        server.run(host=args.host, port=args.port, generate_client_file=False)
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m spamclf.serve", description=__doc__.split("\n\n")[0])
+    add_model_flags(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (0.0.0.0: every interface, reachable by others)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(KEY_FLAG, default=None, metavar="FILE",
+                        help=f"a file whose one line is the key clients must send (else ${KEY_ENV}, if set); "
+                             "without one, anyone who reaches the port may use the server")
+    parser.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
+                        help="requests classified together at most")
+    parser.add_argument("--batch-timeout", type=float, default=BATCH_TIMEOUT,
+                        help="seconds a request waits for others to batch with")
+    parser.add_argument("--max-texts", type=int, default=256, help='most texts in one request\'s "texts"')
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per model batch (as spamclf.predict)")
+    return parser
 
 
 def stop_on_sigterm() -> None:
     """SIGTERM (a service manager, `kill`, a container stop) shuts the server down as Ctrl+C does. LitServe 0.2.19's
     `LitServer.run` documents SIGTERM as a graceful shutdown, but its main process stops its spawned inference
     workers only on KeyboardInterrupt (its `except KeyboardInterrupt` around `_shutdown_event.wait()`); without
-    this, SIGTERM left them running. tests/test_serve.py checks that no process outlives a SIGTERM."""
+    this, SIGTERM left them running. tests/test_serve.py checks that no process outlives a SIGTERM.
+
+    The API server LitServe forks inherits the handler; uvicorn there re-raises the SIGTERM it caught once it has
+    shut down, and that process then ends as SIGTERM's default would, without a KeyboardInterrupt traceback."""
+    main_process = os.getpid()
+
     def interrupt(signum, frame):
+        if os.getpid() != main_process:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)

@@ -107,13 +107,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_request(url, body=None, raw=None, timeout=30):
+def http_request(url, body=None, raw=None, timeout=30, headers=None):
     """(status, JSON or text) of a GET (no body) or a JSON POST; HTTP errors answered, not raised."""
     import urllib.error
     import urllib.request
 
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             payload = response.read()

@@ -20,7 +20,8 @@ CHROMIUM = os.environ.get("SPAMCLF_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SPAM = "WINNER!! You have been selected to receive a £900 prize reward! To claim call 09061701461. Valid 12 hours only."
-MESSAGES = [SPAM, "are we still on for lunch tomorrow?", "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005"]
+MESSAGES = [SPAM, "are we still on for lunch tomorrow?",
+            "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005"]
 
 
 def _missing_browser() -> str | None:
@@ -51,8 +52,8 @@ def browser():
 @pytest.fixture(scope="module")
 def server(tiny_run, browser):
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
-    base, proc = start_server(["--ckpt", str(ckpt), "--precision", "fp32", "--max-texts", "2", "--max-body-bytes", "20000"],
-                              tiny_run / "page-server.log", ROOT)
+    base, proc = start_server(["--ckpt", str(ckpt), "--precision", "fp32", "--max-texts", "2",
+                               "--max-body-bytes", "20000"], tiny_run / "page-server.log", ROOT)
     yield base, ckpt
     stop_server(proc)
 
@@ -75,7 +76,8 @@ def _spam_probability(base: str, text: str) -> tuple[str, float]:
 
 
 def _set_slider(page, value: float) -> None:
-    page.eval_on_selector("#threshold", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }",
+    page.eval_on_selector("#threshold",
+                          "(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }",
                           str(value))
 
 
@@ -91,7 +93,8 @@ def test_one_message_shows_the_servers_label_probability_and_truncation(page, se
     bar, fill, marker = (page.eval_on_selector(f"#one-{name}", "el => el.getBoundingClientRect().toJSON()")
                          for name in ("bar", "fill", "marker"))
     assert fill["width"] / bar["width"] == pytest.approx(probability, abs=0.02)  # the probability as a bar
-    assert (marker["x"] + marker["width"] / 2 - bar["x"]) / bar["width"] == pytest.approx(own, abs=0.02)  # the threshold on it
+    # the threshold on it
+    assert (marker["x"] + marker["width"] / 2 - bar["x"]) / bar["width"] == pytest.approx(own, abs=0.02)
     assert page.evaluate("document.documentElement.scrollWidth") <= 400  # readable at 400 px: no sideways scroll
     page.fill("#one-text", "x " * 3000)
     page.press("#one-text", "Enter")
@@ -105,7 +108,8 @@ def test_many_messages_sorted_by_probability_relabelled_by_the_slider_and_downlo
     page.fill("#many-text", "\n".join(MESSAGES))
     page.click("#many-submit")
     page.wait_for_function("document.querySelectorAll('#many-rows tr').length === 3")
-    rows = [[cell.inner_text() for cell in row.query_selector_all("td")] for row in page.query_selector_all("#many-rows tr")]
+    rows = [[cell.inner_text() for cell in row.query_selector_all("td")]
+            for row in page.query_selector_all("#many-rows tr")]
     expected = sorted(((text, *_spam_probability(server[0], text)) for text in MESSAGES), key=lambda x: -x[2])
     assert [r[4] for r in rows] == [text for text, _, _ in expected]  # most likely spam first
     assert [r[2] for r in rows] == [label for _, label, _ in expected]
@@ -123,7 +127,8 @@ def test_many_messages_sorted_by_probability_relabelled_by_the_slider_and_downlo
     with page.expect_download() as download:
         page.click("#many-download")
     table = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
-    assert [row["text"] for row in table] == [text for text, _, _ in expected] and set(table[0]) >= {"label", "spam_probability"}
+    assert [row["text"] for row in table] == [text for text, _, _ in expected]
+    assert set(table[0]) >= {"label", "spam_probability"}
 
 
 def test_empty_submission_and_server_errors_show_a_message(page):
@@ -169,10 +174,60 @@ def test_screenshot_shows_the_label_probability_and_the_bar(page, server, tmp_pa
     target = Path(os.environ.get("SPAMCLF_PAGE_SCREENSHOT") or tmp_path / "page.png")
     page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_size > 10_000
-    bar = page.eval_on_selector("#one-bar", "el => { const r = el.getBoundingClientRect(); "
-                                            "return {x: r.x + scrollX, y: r.y + scrollY, width: r.width, height: r.height}; }")
+    bar = page.eval_on_selector("#one-bar", "el => { const r = el.getBoundingClientRect(); return "
+                                            "{x: r.x + scrollX, y: r.y + scrollY, width: r.width, height: r.height}; }")
     image = Image.open(target).convert("RGB")
     middle = round(bar["y"] + bar["height"] / 2)
     row = [image.getpixel((x, middle)) for x in range(round(bar["x"]), round(bar["x"] + bar["width"]))]
     filled = sum(all(abs(a - b) <= 8 for a, b in zip(pixel, BAR_COLOURS[label])) for pixel in row)
     assert filled / bar["width"] == pytest.approx(probability, abs=0.02)  # the threshold marker covers 3 px at most
+
+
+KEY = "page-test-key_51c0e2"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_run, browser, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("page-key") / "api-key"
+    key_file.write_text(KEY + "\n")
+    base, proc = start_server(["--ckpt", str(tiny_run / "checkpoints" / "last.ckpt"), "--precision", "fp32",
+                               "--api-key-file", str(key_file)], tiny_run / "page-keyed-server.log", ROOT)
+    yield base
+    stop_server(proc)
+
+
+def test_a_server_with_a_key_is_asked_for_it_once_per_tab_and_again_when_it_is_refused(browser, keyed_server):
+    context = browser.new_context(viewport={"width": 400, "height": 900})
+    tab = context.new_page()
+    tab.set_default_timeout(60_000)
+    sent = []
+    tab.on("request", lambda r: r.url.endswith("/predict") and sent.append((r.url, r.headers.get("x-api-key"))))
+    try:
+        tab.goto(keyed_server + "/")
+        tab.wait_for_selector("#key-box:not([hidden])")  # the model card's /info was refused: the page asks
+        assert tab.evaluate("document.body.dataset.ready") is None
+        tab.fill("#key-input", KEY + "-wrong")
+        tab.click("#key-submit")
+        tab.wait_for_function("document.querySelector('#key-note').textContent.includes('did not accept')")
+        assert tab.is_visible("#key-box")  # asked again
+        tab.fill("#key-input", KEY)
+        tab.press("#key-input", "Enter")
+        tab.wait_for_selector("body[data-ready=true]")
+        assert not tab.is_visible("#key-box")
+        assert tab.evaluate("sessionStorage.getItem('spamclf-api-key')") == KEY
+        for _ in range(2):  # a second prediction is not asked for the key again
+            tab.fill("#one-text", SPAM)
+            tab.press("#one-text", "Enter")
+            tab.wait_for_selector("#one-result:not([hidden])")
+        status, answer = http_request(keyed_server + "/predict", {"text": SPAM}, headers={"X-API-Key": KEY})
+        assert status == 200 and tab.inner_text("#one-label") == answer["label"]
+        assert tab.inner_text("#one-prob") == f"{100 * answer['probabilities']['spam']:.1f}%"
+        assert sent == [(keyed_server + "/predict", KEY)] * 2 and not tab.is_visible("#key-box")
+        tab.reload()  # the tab keeps the key
+        tab.wait_for_selector("body[data-ready=true]")
+        assert not tab.is_visible("#key-box")
+        tab.evaluate("sessionStorage.setItem('spamclf-api-key', 'stale')")  # a key the server no longer takes
+        tab.reload()
+        tab.wait_for_function("document.querySelector('#key-note').textContent.includes('did not accept')")
+    finally:
+        context.close()
