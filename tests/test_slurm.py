@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app import QUIET, ROOT
+from tests.helpers import QUIET, ROOT
 
 pytestmark = pytest.mark.slurm
 
