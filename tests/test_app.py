@@ -14,7 +14,8 @@ from tests.helpers import CONF, QUIET, ROOT, TINY, compose_cfg, train_cli  # noq
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 TRAINERS = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))
-EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
+EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
+                     for p in (CONF / "experiment").rglob("*.yaml"))
 
 
 def test_every_model_size_and_trainer_preset_composes(tmp_path):
