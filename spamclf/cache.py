@@ -13,19 +13,48 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import torch
 
 from spamclf.batching import length_batches
 from spamclf.classifier import release_freed_memory
+from spamclf.errors import InvalidOption
 from spamclf.heads import Readout, frozen_prefix_depth
 from spamclf.kernels import onednn_bf16_inference
 from spamclf.packing import packed_prefix
 from spamclf.precision import dtype_of
+from spamclf.prepared import PreparedData
 from spamclf.progress import progress_bar
 
 log = logging.getLogger(__name__)
 CACHE_DTYPES = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """`model.prefix_cache`: whether to cache (`enabled`), the stored dtype (auto: bf16 under bf16 precision,
+    else fp32) and the size above which a CPU cache lives in a temporary file instead of memory."""
+
+    enabled: bool = True
+    dtype: str = "auto"
+    max_memory_mb: float = 4096
+
+    def __post_init__(self):
+        if self.dtype not in CACHE_DTYPES:
+            raise InvalidOption("prefix_cache.dtype", self.dtype, "one of " + ", ".join(CACHE_DTYPES))
+
+    @classmethod
+    def of(cls, value: bool | dict | CacheSettings) -> CacheSettings:
+        """From the config's node (a dict of these fields), a bare on/off switch, or settings already."""
+        if isinstance(value, cls):
+            return value
+        return cls(enabled=value) if isinstance(value, bool) else cls(**value)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 def cache_blocker(depth: int, drop_rate: float, causal: bool, pooling: str, pad_length: int | None) -> str | None:
     """Why the prefix cannot be cached exactly, or None when it can."""
     if depth == 0:
@@ -119,39 +148,45 @@ class PrefixCache:
 
 class SplitCaches:
     """A run's prefix caches, one per split, each built the first time its split is evaluated or trained on (and
-    kept: the frozen prefix never changes). `dtype` auto stores bf16 under bf16 precision, else fp32."""
+    kept: the frozen prefix never changes)."""
 
-    def __init__(self, enabled: bool = True, dtype: str = "auto", max_memory_mb: float = 4096):
-        self.enabled, self.dtype, self.max_memory_mb = enabled, dtype, max_memory_mb
+    def __init__(self, settings: CacheSettings):
+        self.settings = settings
         self.caches: dict[str, PrefixCache | None] = {}
 
     def plan(self, model, readout: Readout, drop_rate: float, pad_length: int | None) -> tuple[int, str | None]:
         """(frozen depth, reason the prefix cannot be cached, or None)."""
         depth = frozen_prefix_depth(model)
-        if not self.enabled:
+        if not self.settings.enabled:
             return depth, "model.prefix_cache=false"
         return depth, cache_blocker(depth, drop_rate, readout.causal, readout.pooling, pad_length)
 
-    def get(self, split: str, model, readout: Readout, drop_rate: float, datamodule, precision: str,
+    def get(self, split: str, model, readout: Readout, drop_rate: float, data: PreparedData | None, precision: str,
             device: torch.device, show_progress: bool) -> PrefixCache | None:
-        """The cache of `split` (an EncodedSplit in `datamodule.datasets`), or None when it cannot be cached."""
+        """The cache of `split` (one of `data.datasets`), or None when it cannot be cached or no data was handed
+        over (a module used outside a training run)."""
         if split in self.caches:
             return self.caches[split]
-        depth, reason = self.plan(model, readout, drop_rate, getattr(datamodule, "pad_length", None))
-        if reason is not None or datamodule is None or split not in getattr(datamodule, "datasets", {}):
+        depth, reason = self.plan(model, readout, drop_rate, None if data is None else data.pad_length)
+        if reason is not None or data is None or split not in data.datasets:
             if split == "train" and reason is not None:
                 log.info("prefix cache off: %s", reason)
             self.caches[split] = None
             return None
-        dtype = self.dtype if self.dtype != "auto" else ("bf16" if dtype_of(precision) == torch.bfloat16 else "fp32")
-        dataset = datamodule.datasets[split]
+        dataset = data.datasets[split]
         with progress_bar(f"prefix cache ({split})", len(dataset), enabled=show_progress) as advance:
             self.caches[split] = PrefixCache.build(
-                model, dataset, datamodule.pad_length, depth, readout.pooling, readout.use_mask,
-                dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, device=device,
-                max_memory_mb=self.max_memory_mb, progress=advance,
+                model, dataset, data.pad_length, depth, readout.pooling, readout.use_mask,
+                dtype=self.dtype(precision), device=device, max_memory_mb=self.settings.max_memory_mb,
+                progress=advance,
             )
         return self.caches[split]
+
+    def dtype(self, precision: str) -> torch.dtype:
+        """The stored dtype: as set, or (auto) bf16 when the run's precision computes in bf16, else fp32."""
+        if self.settings.dtype == "auto":
+            return torch.bfloat16 if dtype_of(precision) == torch.bfloat16 else torch.float32
+        return torch.bfloat16 if self.settings.dtype == "bf16" else torch.float32
 
     @property
     def build_seconds(self) -> float:

@@ -30,14 +30,16 @@ from spamclf.loaders import (
     PadCollator,
     UnpaddedShardSampler,
 )
+from spamclf.prepared import PreparedData
 from spamclf.reading import (
     READERS,
     SMS_FILE,
     UCI_URL,
     download_sms,
-    rank_zero_log,
+    info_on_rank_zero,
     read_labelled_file,
     read_sms_as_the_book,
+    warn_on_rank_zero,
 )
 from spamclf.splits import (
     NATURAL,
@@ -141,18 +143,10 @@ class SpamDataModule(L.LightningDataModule):
         if reader not in READERS:
             raise InvalidOption("reader", reader, "one of " + ", ".join(READERS))
         if len(splits) != 3 or any(f < 0 for f in splits) or sum(splits) > 1 + 1e-9:
-            raise InvalidOption("splits", list(splits), "three non-negative fractions (train, val, test) summing to at most 1")
-        self.path, self.format, self.encoding = path, format, encoding
-        self.text_column, self.label_column = text_column, label_column
-        self.labels = list(labels) if labels is not None else None
-        self.balance, self.dedupe, self.seed, self.splits = balance, dedupe, seed, tuple(splits)
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.padding, self.max_length, self.context_length = padding, max_length, context_length
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.bucket, self.drop_last, self.num_workers = bucket, drop_last, num_workers
-        self.output_dir, self.download, self.download_url, self.cache_dir = output_dir, download, download_url, cache_dir
-        self.header, self.natural, self.positive_label = header, natural, positive_label
-        self.reader = reader
+            raise InvalidOption("splits", list(splits),
+                                "three non-negative fractions (train, val, test) summing to at most 1")
+        splits, labels = tuple(splits), (list(labels) if labels is not None else None)
+        self.save_hyperparameters(logger=False)  # every argument, as `self.hparams.<name>`
         self.protocol = "book" if reader == "book" and path is None and not dedupe else "exact"  # what setup reads
         self.frames: dict[str, pd.DataFrame] = {}
         self.datasets: dict[str, EncodedSplit] = {}
@@ -160,7 +154,7 @@ class SpamDataModule(L.LightningDataModule):
         self.pad_length: int | None = None
         self.overlap: dict[str, int] = {}
         self.class_shares: dict[str, float] = {}  # each class's share of the file (after dedupe, before balancing)
-        self.test_splits: Sequence[str] = ("test",)  # the final evaluation sets all of SPLITS (and NATURAL)
+        self._test_splits: tuple[str, ...] = ("test",)
 
     # -- preparation -------------------------------------------------------------------------------
     @property
@@ -168,62 +162,87 @@ class SpamDataModule(L.LightningDataModule):
         return len(self.label_names)
 
     def source_path(self) -> Path:
-        if self.path is not None:
-            return Path(self.path).expanduser()
-        if self.download:
-            return download_sms(self.download_url, self.cache_dir)
+        h = self.hparams
+        if h.path is not None:
+            return Path(h.path).expanduser()
+        if h.download:
+            return download_sms(h.download_url, h.cache_dir)
         return Path(asset_path(SMS_FILE))
+
+    def _read(self, path: Path) -> pd.DataFrame:
+        h = self.hparams
+        return read_labelled_file(path, h.format, h.text_column, h.label_column, h.encoding, h.header)
+
+    def read_label_names(self) -> list[str]:
+        """The class names in the order of the model's outputs (`data.labels`, or the file's labels sorted), for
+        building the model before the Trainer sets the data up. Reads the file; prepares nothing."""
+        path = self.source_path()
+        return self._label_names(path, self._read(path))
+
+    def evaluate_on(self, splits: Sequence[str]) -> None:
+        """The splits `test_dataloader` serves, in this order (by default only `test`; the pipeline's final
+        evaluation asks for train, val, test and natural). Splits this data does not have are left out."""
+        self._test_splits = tuple(splits)
+
+    def prepared(self) -> PreparedData:
+        """What the model needs from the set-up data (`SpamClassifier.use_data`)."""
+        return PreparedData(self.datasets, self.pad_length, self.describe(), self.class_shares)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        path = self.source_path()
-        frame = read_labelled_file(path, self.format, self.text_column, self.label_column, self.encoding, self.header)
+        h, path = self.hparams, self.source_path()
+        frame = self._read(path)
         self.label_names = self._label_names(path, frame)
         try:
-            positive_index(self.label_names, self.positive_label)
+            positive_index(self.label_names, h.positive_label)
         except InvalidOption as e:
             raise DataError(f"data.{e}") from None
-        if self.dedupe:
+        if h.dedupe:
             before = len(frame)
             frame = frame.drop_duplicates(subset="text", keep="first")
-            rank_zero_log.info("dedupe: dropped %d repeated text(s) before balancing", before - len(frame))
+            info_on_rank_zero("dedupe: dropped %d repeated text(s) before balancing", before - len(frame))
         everything = frame
         self.class_shares = {n: float((frame["label"] == n).mean()) for n in self.label_names}
-        if self.reader == "book" and self.protocol == "exact":
-            rank_zero_log.info("data.reader=book applies to the SMS Spam Collection without dedupe; with %s the data is "
-                               "read exactly", "data.path" if self.path is not None else "data.dedupe=true")
+        if h.reader == "book" and self.protocol == "exact":
+            info_on_rank_zero("data.reader=book applies to the SMS Spam Collection without dedupe; with %s the data is "
+                              "read exactly", "data.path" if h.path is not None else "data.dedupe=true")
         if self.protocol == "book":
             frame = read_sms_as_the_book(path)  # the rows the book balances and splits; `everything` stays exact
         rows = frame
-        if self.balance:
-            frame = balance_classes(frame, self.seed, self.label_names)
-        frames = split_frame(frame, self.splits, self.seed)
+        if h.balance:
+            frame = balance_classes(frame, h.seed, self.label_names)
+        frames = split_frame(frame, h.splits, h.seed)
         for split, part in frames.items():
             if part.empty:
                 raise DataError(
-                    f"{path}: the {split} split would be empty ({len(frame)} usable rows, splits={list(self.splits)}); "
+                    f"{path}: the {split} split would be empty ({len(frame)} usable rows, splits={list(h.splits)}); "
                     f"add data or change data.splits"
                 )
-        if self.natural:
+        if h.natural:
             frames[NATURAL] = (natural_frame(everything, frame, frames) if self.protocol == "exact"
                                else book_natural_frame(everything, rows, frame, frames))
-            counts = frames[NATURAL]["label"].value_counts()
-            rank_zero_log.info("natural set (test + messages balancing left out, none seen in train/val): %d messages, %s; "
-                     "the file: %s", len(frames[NATURAL]), ", ".join(f"{counts.get(n, 0)} {n}" for n in self.label_names),
-                     ", ".join(f"{share:.1%} {n}" for n, share in self.class_shares.items()))
+            self._log_natural(frames[NATURAL])
         self.frames = frames
         self._log_overlap()
         self._encode()
-        if self.output_dir is not None and self._is_global_zero():
-            self.write_splits(self.output_dir)
+        if h.output_dir is not None:
+            self.write_splits(h.output_dir)
+
+    def _log_natural(self, natural: pd.DataFrame) -> None:
+        counts = natural["label"].value_counts()
+        info_on_rank_zero(
+            "natural set (test + messages balancing left out, none seen in train/val): %d messages, %s; the file: %s",
+            len(natural), ", ".join(f"{counts.get(n, 0)} {n}" for n in self.label_names),
+            ", ".join(f"{share:.1%} {n}" for n, share in self.class_shares.items()),
+        )
 
     def _label_names(self, path: Path, frame: pd.DataFrame) -> list[str]:
         found = set(frame["label"])
-        if self.labels is None:
+        if self.hparams.labels is None:
             names = sorted(found)
         else:
-            names = [str(name) for name in self.labels]
+            names = [str(name) for name in self.hparams.labels]
             unknown = frame[~frame["label"].isin(names)]
             if len(unknown):
                 raise DataError(
@@ -240,27 +259,30 @@ class SpamDataModule(L.LightningDataModule):
     def _log_overlap(self) -> None:
         train_texts = set(self.frames["train"]["text"])
         self.overlap = {split: int(self.frames[split]["text"].isin(train_texts).sum()) for split in ("val", "test")}
-        rank_zero_log.info(
+        info_on_rank_zero(
             "splits: %s; texts also in train: val %d/%d, test %d/%d%s",
             " / ".join(f"{s} {len(self.frames[s])}" for s in SPLITS),
             self.overlap["val"], len(self.frames["val"]), self.overlap["test"], len(self.frames["test"]),
-            "" if self.dedupe else " (data.dedupe=true removes this leakage)",
+            "" if self.hparams.dedupe else " (data.dedupe=true removes this leakage)",
         )
 
     def _encode(self) -> None:
-        label_id = {name: i for i, name in enumerate(self.label_names)}
+        h, label_id = self.hparams, {name: i for i, name in enumerate(self.label_names)}
         ids = {split: encode_texts(self.frames[split]["text"].tolist()) for split in self.frames}
-        too_long = sum(len(row) > self.context_length for rows in ids.values() for row in rows)
+        too_long = sum(len(row) > h.context_length for rows in ids.values() for row in rows)
         if too_long:
-            rank_zero_log.warning("%d message(s) longer than the context length %d were truncated", too_long, self.context_length)
-        train_max = max(min(len(row), self.context_length) for row in ids["train"])
-        self.pad_length = {"longest_train": train_max, "fixed": self.max_length, "model": self.context_length}.get(self.padding)
-        limit = self.pad_length or self.context_length
+            warn_on_rank_zero("%d message(s) longer than the context length %d were truncated", too_long,
+                              h.context_length)
+        train_max = max(min(len(row), h.context_length) for row in ids["train"])
+        self.pad_length = {"longest_train": train_max, "fixed": h.max_length, "model": h.context_length}.get(h.padding)
+        limit = self.pad_length or h.context_length
         for split in self.frames:
             rows = [row[:limit] for row in ids[split]]
             self.datasets[split] = EncodedSplit(rows, [label_id[label] for label in self.frames[split]["label"]])
-        rank_zero_log.info("padding=%s: %s", self.padding, f"every batch padded to {self.pad_length} tokens" if self.pad_length else "per batch")
+        info_on_rank_zero("padding=%s: %s", h.padding,
+                          f"every batch padded to {self.pad_length} tokens" if self.pad_length else "per batch")
 
+    @rank_zero_only  # every rank prepares the same splits; one writes them
     def write_splits(self, output_dir: str | os.PathLike) -> None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -268,50 +290,50 @@ class SpamDataModule(L.LightningDataModule):
             if split in self.frames:
                 write_bytes(out / name, self.frames[split][["text", "label"]].to_csv(index=False).encode())
 
-    def _is_global_zero(self) -> bool:
-        """Rank zero of a multi-process run; also before a trainer exists (the pipeline sets the data up first), when
-        the launcher's environment (RANK, LOCAL_RANK, SLURM_PROCID) says which process this is."""
-        return self.trainer.is_global_zero if self.trainer is not None else rank_zero_only.rank == 0
-
-    def _world_size(self) -> int:
+    @property
+    def world_size(self) -> int:
+        """The Trainer's processes; a datamodule used without a Trainer is one."""
         return 1 if self.trainer is None else self.trainer.world_size
 
     # -- loaders -----------------------------------------------------------------------------------
     def collator(self, split: str) -> PadCollator:
-        return PadCollator(self.pad_length, split, self.pad_to_multiple_of, self.context_length)
+        h = self.hparams
+        return PadCollator(self.pad_length, split, h.pad_to_multiple_of, h.context_length)
+
+    def _loader(self, split: str, **kwargs) -> DataLoader:
+        return DataLoader(self.datasets[split], collate_fn=self.collator(split), num_workers=self.hparams.num_workers,
+                          **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.datasets["train"]
-        if self.bucket and self._world_size() == 1:
-            sampler = LengthBucketBatchSampler(dataset.lengths, self.batch_size, self.drop_last, self.seed)
-            return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator("train"), num_workers=self.num_workers)
-        if self.bucket:
-            log.info("data.bucket is ignored with %d processes: each rank takes a DistributedSampler shard", self._world_size())
-        return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(dataset), self.seed),
-            drop_last=self.drop_last, collate_fn=self.collator("train"), num_workers=self.num_workers,
-        )
+        h, dataset = self.hparams, self.datasets["train"]
+        if h.bucket and self.world_size == 1:
+            return self._loader("train", batch_sampler=LengthBucketBatchSampler(dataset.lengths, h.batch_size,
+                                                                                h.drop_last, h.seed))
+        if h.bucket:
+            log.info("data.bucket is ignored with %d processes: each rank takes a DistributedSampler shard",
+                     self.world_size)
+        return self._loader("train", batch_size=h.batch_size, sampler=EpochShuffleSampler(len(dataset), h.seed),
+                            drop_last=h.drop_last)
 
     def eval_dataloader(self, split: str) -> DataLoader:
         """Every row of `split` in a fixed order: by length when bucketing (less padding), else file order."""
-        dataset = self.datasets[split]
-        if self._world_size() > 1:  # each rank its own rows, none repeated: metrics synced across ranks are exact
+        h, dataset = self.hparams, self.datasets[split]
+        if self.world_size > 1:  # each rank its own rows, none repeated: metrics synced across ranks are exact
             sampler = UnpaddedShardSampler(dataset, self.trainer.world_size, self.trainer.global_rank)
-            return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=self.collator(split),
-                              num_workers=self.num_workers)
-        if not self.bucket:
-            return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=self.collator(split), num_workers=self.num_workers)
-        batches = length_batches(dataset.lengths, size=self.eval_batch_size)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=self.collator(split), num_workers=self.num_workers)
+            return self._loader(split, batch_size=h.eval_batch_size, sampler=sampler)
+        if not h.bucket:
+            return self._loader(split, batch_size=h.eval_batch_size)
+        return self._loader(split, batch_sampler=length_batches(dataset.lengths, size=h.eval_batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
-        loaders = [self.eval_dataloader(split) for split in self.test_splits if split in self.datasets]
+        loaders = [self.eval_dataloader(split) for split in self._test_splits if split in self.datasets]
         return loaders[0] if len(loaders) == 1 else loaders
 
     def describe(self) -> dict:
         """What prediction must repeat: label names and the padding rule (saved in checkpoints)."""
-        return {"label_names": self.label_names, "padding": self.padding, "pad_length": self.pad_length,
-                "context_length": self.context_length, "pad_to_multiple_of": self.pad_to_multiple_of}
+        h = self.hparams
+        return {"label_names": self.label_names, "padding": h.padding, "pad_length": self.pad_length,
+                "context_length": h.context_length, "pad_to_multiple_of": h.pad_to_multiple_of}

@@ -1,7 +1,7 @@
 """SpamClassifier: GPT-2 with a classification head, trained and evaluated with Lightning.
 
-Training side only: loss and metrics on the pooled logits, AdamW over the trainable parameters, the frozen-prefix
-cache, the decision chosen after each validation, slim checkpoints that carry it. Prediction is
+Training side only: loss and metrics on the pooled logits, the configured optimizer over the trainable parameters,
+the frozen-prefix cache, the decision chosen after each validation, slim checkpoints that carry it. Prediction is
 `spamclf.inference.Classifier`, which reads these checkpoints without Lightning.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -24,16 +24,17 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from spamclf.cache import CACHE_DTYPES, SplitCaches
+from spamclf.cache import CacheSettings, SplitCaches
 from spamclf.decision import Decision, load_decision
 from spamclf.errors import InvalidOption
 from spamclf.evaluation import Evaluated, choose_decision, gathered, operating_point
 from spamclf.heads import Readout, classifier_network, count_parameters
 from spamclf.inference import check_base_weights, checkpoint_errors, probabilities
+from spamclf.optimization import DEFAULT_OPTIMIZER, build_optimizer, build_scheduler
+from spamclf.prepared import PreparedData
 from spamclf.splits import NATURAL
 
 log = logging.getLogger(__name__)
-SCHEDULERS = ("constant", "cosine")
 EVALUATED = ("val", "test", "best_train", "best_val", NATURAL)  # names of the evaluation passes (best_*: final, best checkpoint)
 POINT_SCALARS = ("fpr", "recall", "precision", "f1", "ece", "threshold", "precision_at_prevalence")
 
@@ -46,47 +47,63 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
 
 
 class SpamClassifier(L.LightningModule):
-    """GPT-2 text classifier. Every argument is a `model.*` config key (conf/model/*.yaml explains each one);
-    `tokenization` and `decision` are recorded by training itself and read back from checkpoints."""
+    """GPT-2 text classifier. Every argument is a `model.*` config key (conf/model/gpt2-small.yaml explains each);
+    the network's keys stay flat because `spamclf.inference` reads them from checkpoints. `optimizer` and
+    `scheduler` are partials (`spamclf.optimization`); `prefix_cache` is `CacheSettings` (or its dict, or a bare
+    on/off); `tokenization` is recorded by training itself (`use_data`) and read back from checkpoints."""
 
     def __init__(
         self, model_name: str = "gpt2-small", weights: str = "pretrained", weights_path: str | None = None,
         label_names: Sequence[str] = ("ham", "spam"), trainable_layers: str | int = "last_block", pooling: str = "last",
-        pooled_only: bool = True, causal: bool = True, drop_rate: float = 0.0, lora_rank: int = 16, lora_alpha: float = 16,
-        lr: float = 5e-5, weight_decay: float = 0.1, scheduler: str = "constant", warmup_steps: int = 0,
-        prefix_cache: bool = True, cache_dtype: str = "auto", cache_max_memory_mb: float = 4096, compile: bool = False,
-        positive_label: str | None = None, threshold: float | dict = 0.5, calibrate: bool = False,
-        tokenization: dict | None = None, decision: dict | None = None,
+        pooled_only: bool = True, causal: bool = True, drop_rate: float = 0.0, lora_rank: int = 16,
+        lora_alpha: float = 16, optimizer: Callable | None = None, scheduler: Callable | None = None,
+        prefix_cache: bool | dict | CacheSettings = True, compile: bool = False, positive_label: str | None = None,
+        threshold: float | dict = 0.5, calibrate: bool = False, tokenization: dict | None = None,
     ):
         super().__init__()
         label_names = [str(n) for n in label_names]
         if len(label_names) < 2:
             raise InvalidOption("label_names", label_names, "at least two class names")
-        for option, value, choices in (("scheduler", scheduler, SCHEDULERS), ("cache_dtype", cache_dtype, CACHE_DTYPES)):
-            if value not in choices:
-                raise InvalidOption(option, value, "one of " + ", ".join(choices))
+        cache = CacheSettings.of(prefix_cache)
+        prefix_cache = cache.as_dict()  # checkpoints keep plain values: they are read with weights_only
+        # The partials are code, not values: the run's .hydra/config.yaml records them.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer or DEFAULT_OPTIMIZER, scheduler
         self.readout = Readout(pooling, pooled_only, causal)
         self.decision = Decision.configured(label_names, positive_label, threshold)
-        if decision:  # a checkpoint written before the decision had its own entry
-            self.decision = self.decision.chosen(decision["threshold"], decision.get("temperature", 1.0))
-        self.save_hyperparameters()
-        self.hparams.label_names = label_names
         self.model = classifier_network(model_name, len(label_names), weights, weights_path, trainable_layers,
                                         lora_rank, lora_alpha, drop_rate, causal)
         self.trainable, self.total = count_parameters(self.model)
         log.info("%s (%s): %s of %s parameters trainable (%s)", model_name, weights, f"{self.trainable:,}",
                  f"{self.total:,}", trainable_layers)
-        if compile:  # with the prefix cache, frozen blocks run once per message through oneDNN's kernels, uncompiled
-            for block in self.model.trf_blocks:
-                if not prefix_cache or any(p.requires_grad for p in block.parameters()):
-                    block.compile()
+        if compile:
+            self._compile_trained_blocks(cache.enabled)
         self.metrics = torch.nn.ModuleDict({f"{name}_metrics": _metrics(len(label_names), f"{name}/")
                                             for name in EVALUATED})
         # Evaluation losses as weighted means synced across ranks: exact under DDP, whatever the shard sizes.
         self.losses = torch.nn.ModuleDict({name: MeanMetric() for name in EVALUATED})
-        self.caches = SplitCaches(prefix_cache, cache_dtype, cache_max_memory_mb)
+        self.caches = SplitCaches(cache)
+        self.data: PreparedData | None = None  # handed over by use_data
+        self.cache_precision, self.show_progress = "32-true", False
         self.outputs: dict[str, dict[str, list[torch.Tensor]]] = {}  # split → logits, labels of this evaluation pass
         self.evaluated: dict[str, Evaluated] = {}  # split → the final evaluation at the operating point
+
+    def _compile_trained_blocks(self, prefix_cache: bool) -> None:
+        # With the prefix cache, frozen blocks run once per message through oneDNN's kernels, uncompiled.
+        for block in self.model.trf_blocks:
+            if not prefix_cache or any(p.requires_grad for p in block.parameters()):
+                block.compile()
+
+    def use_data(self, data: PreparedData, precision: str, show_progress: bool = False) -> None:
+        """The hand-over from the data side before the first batch (`DataHandOver` does it each time the Trainer has
+        set the data up): the splits the prefix cache runs over, what checkpoints record as `tokenization`, the
+        file's class shares; `precision` (a Lightning name from `spamclf.precision.resolve`) sets the cache's dtype."""
+        if data.label_names and data.label_names != self.label_names:
+            raise InvalidOption("label_names", self.label_names, f"the data's labels {data.label_names}")
+        if self.data is not None and data is not self.data:  # other rows: the cached states no longer match
+            self.caches.close()
+        self.hparams.tokenization = data.tokenization
+        self.data, self.cache_precision, self.show_progress = data, precision, show_progress
 
     @property
     def label_names(self) -> list[str]:
@@ -102,26 +119,18 @@ class SpamClassifier(L.LightningModule):
         # Validation passes are marked apart: the profile's step table is of training steps only.
         phase = "step" if self.training else "eval"
         with trainer.profiler.profile(f"{phase}: prefix cache"):  # built on a split's first batch, then looked up
-            cache = self.caches.get(batch["split"], self.model, self.readout, self.hparams.drop_rate, trainer.datamodule,
-                                    str(trainer.precision), self.device,
-                                    trainer.progress_bar_callback is not None and trainer.is_global_zero)
+            cache = self.caches.get(batch["split"], self.model, self.readout, self.hparams.drop_rate, self.data,
+                                    self.cache_precision, self.device, self.show_progress)
         if cache is None:
             with trainer.profiler.profile(f"{phase}: forward"):
                 return self(batch["input_ids"], batch["lengths"])
         with trainer.profiler.profile(f"{phase}: cache gather"):
-            hidden = cache.gather(batch["index"], batch["input_ids"].shape[1], self.device, self.model.pos_emb.weight.dtype)
+            hidden = cache.gather(batch["index"], batch["input_ids"].shape[1], self.device,
+                                  self.model.pos_emb.weight.dtype)
         with trainer.profiler.profile(f"{phase}: forward"):
             return self(batch["input_ids"], batch["lengths"], hidden, cache.depth)
 
     # ---------------------------------------------------------------------------------------- steps
-    def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "describe"):
-            described = datamodule.describe()
-            if described["label_names"] and described["label_names"] != self.label_names:
-                raise InvalidOption("label_names", self.label_names, f"the data's labels {described['label_names']}")
-            self.hparams.tokenization = described
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self._logits(batch)
         with self.trainer.profiler.profile("step: loss"):
@@ -167,7 +176,7 @@ class SpamClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """Every evaluated split at the operating point of the tested checkpoint (natural: also at the file's rate)."""
-        prevalence = (getattr(self.trainer.datamodule, "class_shares", {}) or {}).get(self.decision.positive_label)
+        prevalence = (self.data.class_shares if self.data else {}).get(self.decision.positive_label)
         self.evaluated = {}
         for split, o in gathered(self.outputs, self.trainer.world_size).items():
             probs, labels = probabilities(torch.cat(o["logits"]), self.decision.temperature), torch.cat(o["labels"])
@@ -179,23 +188,10 @@ class SpamClassifier(L.LightningModule):
                     self.log(f"{prefix}/{key}", point[key], add_dataloader_idx=False)
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        # The fused kernel is one pass over the parameters: ~7x faster than the default on CPU.
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused)
-        if self.hparams.scheduler == "constant" and not self.hparams.warmup_steps:
+        optimizer = build_optimizer(self.optimizer_factory, (p for p in self.parameters() if p.requires_grad))
+        if self.scheduler_factory is None:
             return optimizer
-        total, warmup = max(1, self.trainer.estimated_stepping_batches), self.hparams.warmup_steps
-        cosine = self.hparams.scheduler == "cosine"
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if not cosine:
-                return 1.0
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = build_scheduler(self.scheduler_factory, optimizer, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------------------------- checkpoints
@@ -221,3 +217,16 @@ class SpamClassifier(L.LightningModule):
         """A checkpoint to evaluate again (train=false), never unpickling code (weights_only), with one-line errors."""
         with checkpoint_errors(path):
             return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+
+
+class DataHandOver(L.Callback):
+    """Gives the module its data (`SpamClassifier.use_data`) once the Trainer has set the datamodule up: Lightning
+    runs a datamodule's `setup` before its callbacks' and the module's. `precision` is the run's Lightning precision
+    (`spamclf.precision.resolve(...).lightning`); the cache build draws a progress bar where the run draws one."""
+
+    def __init__(self, datamodule, precision: str):
+        self.datamodule, self.precision = datamodule, precision
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        show_progress = trainer.progress_bar_callback is not None and trainer.is_global_zero
+        pl_module.use_data(self.datamodule.prepared(), self.precision, show_progress)

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from spamclf.errors import CheckpointError, InvalidOption, SpamclfError
 from spamclf.io import write_json
-from spamclf.module import SpamClassifier
+from spamclf.module import DataHandOver, SpamClassifier
 from spamclf.precision import resolve
 from spamclf.splits import NATURAL, SPLITS
 
@@ -72,17 +72,10 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build("data", cfg.data)
-    datamodule.setup("fit")
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"), output_dir)
-    model = _model(cfg, datamodule.label_names, ckpt_path)
-    callbacks = [build(f"callbacks.{k}", c) for k, c in (cfg.get("callbacks") or {}).items() if c and "_target_" in c]
-    loggers = [build(f"logger.{k}", c) for k, c in (cfg.get("logger") or {}).items() if c and "_target_" in c]
-    # Without a ModelCheckpoint in callbacks, Lightning would silently add one: no hidden multi-GB writes.
-    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    model = _model(cfg, datamodule, ckpt_path)
     precision = resolve(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
-    _ddp_ranks_join_this_job()
-    trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=checkpointing,
-                    precision=precision.lightning)
+    trainer, loggers = _trainer(cfg, precision.lightning, DataHandOver(datamodule, precision.lightning))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -118,10 +111,23 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-def _model(cfg: DictConfig, label_names: list[str], ckpt_path: str | None) -> SpamClassifier:
-    """The model to train (from the config), or to evaluate again (train=false: from ckpt_path)."""
+def _trainer(cfg: DictConfig, precision: str, handover: DataHandOver) -> tuple[L.Trainer, list]:
+    """The Trainer with the configured callbacks (and the data hand-over) and loggers."""
+    callbacks = [build(f"callbacks.{k}", c) for k, c in (cfg.get("callbacks") or {}).items() if c and "_target_" in c]
+    loggers = [build(f"logger.{k}", c) for k, c in (cfg.get("logger") or {}).items() if c and "_target_" in c]
+    # Without a ModelCheckpoint in callbacks, Lightning would silently add one: no hidden multi-GB writes.
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    _ddp_ranks_join_this_job()
+    trainer = build("trainer", cfg.trainer, callbacks=[*callbacks, handover], logger=loggers or False,
+                    enable_checkpointing=checkpointing, precision=precision)
+    return trainer, loggers
+
+
+def _model(cfg: DictConfig, datamodule, ckpt_path: str | None) -> SpamClassifier:
+    """The model to train (from the config, its outputs the data's classes), or to evaluate again (train=false:
+    from ckpt_path). The Trainer sets the data up later; only the label names are read here."""
     if cfg.train:
-        return build("model", cfg.model, label_names=label_names)
+        return build("model", cfg.model, label_names=datamodule.read_label_names())
     if ckpt_path is None:
         raise SpamclfError("train=false needs ckpt_path=PATH (the checkpoint to evaluate)")
     return SpamClassifier.from_checkpoint(ckpt_path)
@@ -129,12 +135,13 @@ def _model(cfg: DictConfig, label_names: list[str], ckpt_path: str | None) -> Sp
 
 def _test_once(trainer: L.Trainer, model: SpamClassifier, datamodule, ckpt_path: str | None) -> dict:
     """The best checkpoint (chosen on validation), once, on every split, with the decision chosen for it there."""
-    datamodule.test_splits = (*SPLITS, NATURAL)
+    datamodule.evaluate_on((*SPLITS, NATURAL))
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _split_metrics(trainer.callback_metrics)
     metrics["operating_point"] = {
         **{k: v for k, v in model.decision.as_dict().items() if k not in ("label_names", "measured")},
-        **{split: _drawn_only(model.evaluated[split].point) for split in ("val", "test", NATURAL) if split in model.evaluated},
+        **{split: _drawn_only(model.evaluated[split].point)
+           for split in ("val", "test", NATURAL) if split in model.evaluated},
     }
     return metrics
 

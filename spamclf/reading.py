@@ -23,15 +23,11 @@ from spamclf.io import file_sha256, write_bytes
 log = logging.getLogger(__name__)
 
 
-class _RankZeroLog:
-    """The module's logger, quiet on every rank but zero: under DDP each rank prepares the data, one reports it."""
-
-    def __getattr__(self, level: str):
-        method = getattr(log, level)
-        return method if rank_zero_only.rank == 0 else (lambda *args, **kwargs: None)
-
-
-rank_zero_log = _RankZeroLog()
+# Under DDP every rank prepares the data and rank zero reports it. Lightning's rank_zero_only, around this package's
+# logger: its rank_zero_info logs to Lightning's own logger, which stops propagating to the root (Hydra's train.log)
+# when Lightning is imported before logging is configured, and its rank_zero_warn raises Python warnings.
+info_on_rank_zero = rank_zero_only(log.info)
+warn_on_rank_zero = rank_zero_only(log.warning)
 
 FORMATS = ("auto", "sms", "csv", "tsv", "jsonl")
 READERS = ("book", "exact")  # how the SMS Spam Collection is read: as the book's pandas call does, or every line
@@ -174,7 +170,7 @@ def read_labelled_file(
         raise DataError(f"{path}:{unlabelled['line'].iloc[0]}: empty label; every row needs a label")
     empty = frame["text"].str.strip() == ""
     if empty.any():
-        rank_zero_log.warning("%s: dropped %d row(s) with empty text", path, int(empty.sum()))
+        warn_on_rank_zero("%s: dropped %d row(s) with empty text", path, int(empty.sum()))
         frame = frame[~empty]
     if frame.empty:
         raise DataError(f"{path}: no rows with text; it needs one labelled text per line")

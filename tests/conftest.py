@@ -59,7 +59,7 @@ def tiny_run(tmp_path_factory):
     """One trained gpt2-tiny run folder (checkpoints/last.ckpt, validation.csv, …), shared by the server, page
     and ONNX tests."""
     from spamclf.pipeline import run
-    from tests.test_app import TINY, compose_cfg
+    from tests.helpers import TINY, compose_cfg
 
     out = tmp_path_factory.mktemp("tiny-run")
     run(compose_cfg([*TINY, "test=false"], out))

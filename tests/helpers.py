@@ -1,14 +1,39 @@
-"""Small random GPT-2 checkpoints in the Hugging Face files' exact layouts (no network needed)."""
+"""What several test files share: composing the training config, the tiny run's overrides, running train.py,
+small random GPT-2 checkpoints in the Hugging Face files' exact layouts (no network needed), servers."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+QUIET = ["~callbacks.rich_progress_bar", "trainer.enable_progress_bar=false"]
+TINY = ["model=gpt2-tiny", "trainer.accelerator=cpu", *QUIET, "trainer.max_epochs=1"]
+
+
+def compose_cfg(overrides, tmp_path):
+    """train.py's config with `overrides`, its run folder and logs in `tmp_path`."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}", f"paths.log_dir={tmp_path}",
+                                           "paths.root_dir=."])
+
+
+def train_cli(args, tmp_path, timeout=300, env=None):
+    """`python train.py ARGS` from the repository root, its runs under `tmp_path`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "train.py", *args, f"paths.log_dir={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def hf_gpt2(seed: int = 0, **config):

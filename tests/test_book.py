@@ -6,15 +6,22 @@ import logging
 import pandas as pd
 import pytest
 import torch
-from llms_from_scratch.ch04 import GPTModel
-from llms_from_scratch.ch06 import SpamDataset, create_balanced_dataset, random_split, train_classifier_simple
 
-from spamclf.datamodule import SpamDataModule
-from spamclf.errors import InvalidOption
-from spamclf.gpt2 import GPT2, GPTConfig
-from spamclf.reading import SMS_FILE, read_labelled_file, read_sms_as_the_book
-from spamclf.splits import NATURAL, SPLIT_FILES, spanned_lines
-from spamclf.tokenizer import asset_path, gpt2_encoding
+pytest.importorskip("llms_from_scratch", reason="the book's code: pip install --no-deps -r requirements-book.txt")
+from llms_from_scratch.ch04 import GPTModel  # noqa: E402
+from llms_from_scratch.ch06 import (  # noqa: E402
+    SpamDataset,
+    create_balanced_dataset,
+    random_split,
+    train_classifier_simple,
+)
+
+from spamclf.datamodule import SpamDataModule  # noqa: E402
+from spamclf.errors import InvalidOption  # noqa: E402
+from spamclf.gpt2 import GPT2, GPTConfig  # noqa: E402
+from spamclf.reading import SMS_FILE, read_labelled_file, read_sms_as_the_book  # noqa: E402
+from spamclf.splits import NATURAL, SPLIT_FILES, spanned_lines  # noqa: E402
+from spamclf.tokenizer import asset_path, gpt2_encoding  # noqa: E402
 
 SMS = asset_path(SMS_FILE)
 BOOK_FILES = {"train": "train.csv", "val": "validation.csv", "test": "test.csv"}

@@ -1,9 +1,11 @@
+from functools import partial
+
 import lightning as L
 import pytest
 import torch
 
 from spamclf.datamodule import SpamDataModule
-from spamclf.module import SpamClassifier
+from spamclf.module import DataHandOver, SpamClassifier
 
 pytestmark = pytest.mark.hardware  # the cache build is where the oneDNN kernels run
 
@@ -19,12 +21,13 @@ class StepLosses(L.Callback):
 def _run(data_kwargs, model_kwargs, prefix_cache, max_memory_mb=4096, precision="32-true"):
     L.seed_everything(123)
     dm = SpamDataModule(**data_kwargs)
-    clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="last_block", lr=1e-3,
-                         prefix_cache=prefix_cache, cache_max_memory_mb=max_memory_mb, **model_kwargs)
+    clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="last_block",
+                         optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
+                         prefix_cache={"enabled": prefix_cache, "max_memory_mb": max_memory_mb}, **model_kwargs)
     record = StepLosses()
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=15, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, callbacks=[record], num_sanity_val_steps=0,
-                        precision=precision)
+                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                        callbacks=[record, DataHandOver(dm, precision)], precision=precision)
     trainer.fit(clf, datamodule=dm)
     used = {split for split, cache in clf.caches.caches.items() if cache is not None}
     spilled = [c.path for c in clf.caches.caches.values() if c is not None and c.path]

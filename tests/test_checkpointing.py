@@ -3,7 +3,7 @@
 import torch
 
 from spamclf.pipeline import run
-from tests.test_app import TINY, compose_cfg
+from tests.helpers import TINY, compose_cfg
 
 
 def test_last_ckpt_is_the_last_epoch_when_the_best_is_an_earlier_one(tmp_path):

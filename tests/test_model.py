@@ -1,4 +1,5 @@
 import math
+from functools import partial
 
 import lightning as L
 import pytest
@@ -9,11 +10,12 @@ from spamclf.errors import CheckpointError, InvalidOption, WeightsUnavailable
 from spamclf.gpt2 import GPT2, PRESETS, Packed, preset, real_tokens
 from spamclf.heads import apply_trainable_layers, count_parameters, pool, replace_head
 from spamclf.inference import Classifier
-from spamclf.module import SpamClassifier
+from spamclf.module import DataHandOver, SpamClassifier
 from spamclf.weights import load_pretrained, resolve_weights
 from tests.helpers import hf_gpt2, populate_hub_cache, save_hub_layout, save_prefixed
 
 TOL = 1e-4
+ADAMW_1E3 = partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
 
 
 def _logits_match(hf_model, ours, t=23, batch=3):
@@ -143,7 +145,8 @@ def test_trainable_counts_for_every_policy():
 @pytest.mark.parametrize("policy", ["last_block", "lora", "head"])
 def test_an_optimizer_step_changes_only_the_intended_parameters(policy):
     torch.manual_seed(0)
-    clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers=policy, lr=1e-2)
+    clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers=policy,
+                         optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1))
     before = {n: p.detach().clone() for n, p in clf.named_parameters()}
     opt = clf.configure_optimizers()
     x = torch.randint(0, 50257, (4, 12))
@@ -256,7 +259,7 @@ def test_without_a_mask_the_book_pads_as_tokens():
 
 def _fit(clf, dm, **trainer_kwargs):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, **trainer_kwargs)
+                        enable_checkpointing=False, callbacks=[DataHandOver(dm, "32-true")], **trainer_kwargs)
     trainer.fit(clf, datamodule=dm)
     return trainer
 
@@ -264,7 +267,7 @@ def _fit(clf, dm, **trainer_kwargs):
 @pytest.mark.hardware
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, sms_module):
     torch.manual_seed(0)
-    clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="last_block", lr=1e-3)
+    clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="last_block", optimizer=ADAMW_1E3)
     trainer = _fit(clf, sms_module, max_steps=3, limit_val_batches=1)
     trainer.save_checkpoint(tmp_path / "c.ckpt")
     loaded = Classifier.load(tmp_path / "c.ckpt")
@@ -280,7 +283,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, sms_module):
 def test_pretrained_checkpoints_keep_only_trainable_tensors(tmp_path, sms_module):
     files = save_hub_layout(hf_gpt2(seed=2, n_embd=64, n_layer=4, n_head=4, n_positions=1024), tmp_path / "base")
     torch.manual_seed(0)
-    clf = SpamClassifier("gpt2-small", weights_path=str(files), trainable_layers="last_block", lr=1e-3)
+    clf = SpamClassifier("gpt2-small", weights_path=str(files), trainable_layers="last_block", optimizer=ADAMW_1E3)
     trainer = _fit(clf, sms_module, max_steps=2, limit_val_batches=1)
     trainer.save_checkpoint(tmp_path / "slim.ckpt")
     saved = torch.load(tmp_path / "slim.ckpt", weights_only=True)
@@ -311,9 +314,57 @@ def test_bad_checkpoint_files_are_one_line(tmp_path):
 
 def test_tiny_model_learns_spam_on_cpu(sms_module):
     torch.manual_seed(123)
-    clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="all", lr=1e-3)
+    clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="all", optimizer=ADAMW_1E3)
     trainer = _fit(clf, sms_module, max_epochs=1, num_sanity_val_steps=0)
     val_acc = float(trainer.callback_metrics["val/acc"])
     # Measured 0.96 after one epoch (seed 123); chance is 0.5, a model that only learnt the prior scores ~0.5.
     assert val_acc > 0.85, val_acc
     assert math.isfinite(float(trainer.callback_metrics["train/loss_epoch"]))
+
+
+def test_the_optimizer_is_any_torch_optim_partial_and_adamw_runs_fused():
+    from spamclf.optimization import build_optimizer
+
+    clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="last_block")
+    adamw = clf.configure_optimizers()  # no scheduler given: the optimizer alone, the book's AdamW
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"] is True
+    assert (adamw.defaults["lr"], adamw.defaults["weight_decay"]) == (5e-5, 0.1)
+    assert sum(len(g["params"]) for g in adamw.param_groups) == sum(p.requires_grad for p in clf.parameters())
+    rms = SpamClassifier("gpt2-tiny", weights="random", optimizer=partial(torch.optim.RMSprop, lr=1e-3))
+    assert isinstance(rms.configure_optimizers(), torch.optim.RMSprop)  # takes no `fused`: none passed
+    double = [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]
+    assert not build_optimizer(ADAMW_1E3, double).defaults["fused"]  # fp64 has no fused kernel
+    assert build_optimizer(partial(torch.optim.AdamW, fused=False), [torch.nn.Parameter(torch.zeros(3))]).defaults[
+        "fused"] is False  # the config's own choice wins
+
+
+@pytest.mark.parametrize("schedule, expected", [("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]),
+                                                ("cosine", [0.25, 0.5, 0.75, 1.0, 1.0, 0.8536, 0.5, 0.1464])])
+def test_warmup_schedule_warms_up_then_holds_or_decays(schedule, expected):
+    from spamclf.optimization import build_scheduler, warmup_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(partial(warmup_schedule, schedule=schedule, warmup_steps=4), optimizer, total_steps=8)
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx(expected, abs=1e-4)
+    step_lr = build_scheduler(partial(torch.optim.lr_scheduler.StepLR, step_size=2), optimizer, total_steps=8)
+    assert isinstance(step_lr, torch.optim.lr_scheduler.StepLR)  # any torch scheduler: not told total_steps
+    with pytest.raises(InvalidOption, match="model.scheduler.schedule='linear' is not valid"):
+        warmup_schedule(optimizer, 8, schedule="linear")
+
+
+def test_the_prefix_cache_setting_is_a_switch_or_its_node():
+    from spamclf.cache import CacheSettings
+
+    assert SpamClassifier("gpt2-tiny", weights="random", prefix_cache=False).hparams.prefix_cache == {
+        "enabled": False, "dtype": "auto", "max_memory_mb": 4096}
+    node = {"enabled": True, "dtype": "bf16", "max_memory_mb": 0}
+    clf = SpamClassifier("gpt2-tiny", weights="random", prefix_cache=node)
+    assert clf.caches.settings == CacheSettings(**node) and clf.caches.dtype("32-true") == torch.bfloat16
+    assert SpamClassifier("gpt2-tiny", weights="random").caches.dtype("bf16-mixed") == torch.bfloat16
+    with pytest.raises(InvalidOption, match="prefix_cache.dtype='fp8' is not valid"):
+        CacheSettings(dtype="fp8")

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from spamclf.checkpointing import REQUEUE_EXIT
-from tests.test_app import CONF, TINY, _cli
+from tests.helpers import CONF, TINY, train_cli
 
 SPLIT_KEYS = ("acc", "loss", "f1", "auroc")
 
@@ -47,7 +47,7 @@ def _runs(sweep_root: Path) -> list[Path]:
 
 
 def test_local_launcher_runs_the_sweep_in_parallel_processes(tmp_path):
-    proc = _cli(["-m", "hydra/launcher=local", *TINY, "model.trainable_layers=all,head", "test=false"], tmp_path, timeout=900)
+    proc = train_cli(["-m", "hydra/launcher=local", *TINY, "model.trainable_layers=all,head", "test=false"], tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = _runs(tmp_path)
     assert [p.name for p in runs] == ["0", "1"] and all((p / "metrics.json").is_file() for p in runs)
@@ -58,7 +58,7 @@ def test_local_launcher_runs_the_sweep_in_parallel_processes(tmp_path):
 
 
 def test_ddp_inside_a_sweep_gives_one_complete_folder_per_job_with_exact_metrics(tmp_path):
-    proc = _cli(["-m", "trainer=ddp_sim", *TINY, "model.trainable_layers=last_block,all"], tmp_path, timeout=900)
+    proc = train_cli(["-m", "trainer=ddp_sim", *TINY, "model.trainable_layers=last_block,all"], tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = _runs(tmp_path)
     assert [p.name for p in runs] == ["0", "1"]
@@ -70,7 +70,7 @@ def test_ddp_inside_a_sweep_gives_one_complete_folder_per_job_with_exact_metrics
         assert log.count("splits: train") == 1  # one writer per run folder
         assert metrics["operating_point"]["val"]["count"] == 149 and metrics["operating_point"]["test"]["count"] == 300
         # The same checkpoint scored by one process: every row once, the same numbers.
-        single = _cli([*TINY, "train=false", f"ckpt_path={metrics['best_checkpoint']}", f"hydra.run.dir={run_dir}-single"], tmp_path)
+        single = train_cli([*TINY, "train=false", f"ckpt_path={metrics['best_checkpoint']}", f"hydra.run.dir={run_dir}-single"], tmp_path)
         assert single.returncode == 0, single.stderr[-3000:]
         alone = json.loads((Path(f"{run_dir}-single") / "metrics.json").read_text())
         for split in ("val", "test"):
@@ -81,7 +81,7 @@ def test_ddp_inside_a_sweep_gives_one_complete_folder_per_job_with_exact_metrics
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("whole")
-    proc = _cli([*TINY[:-1], "trainer.max_epochs=3", f"hydra.run.dir={tmp}/run"], tmp)
+    proc = train_cli([*TINY[:-1], "trainer.max_epochs=3", f"hydra.run.dir={tmp}/run"], tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((tmp / "run" / "metrics.json").read_text())
 
@@ -96,10 +96,10 @@ def _assert_same_ending(resumed: dict, whole: dict) -> None:
 
 def test_killed_then_resumed_into_a_new_folder_ends_as_the_uninterrupted_run(uninterrupted, tmp_path):
     common = [*TINY[:-1], "trainer.max_epochs=3"]
-    killed = _cli([*common, f"hydra.run.dir={tmp_path}/killed", "+callbacks.die._target_=tests.helpers.DieAt",
+    killed = train_cli([*common, f"hydra.run.dir={tmp_path}/killed", "+callbacks.die._target_=tests.helpers.DieAt",
                    "+callbacks.die.epoch=2", "+callbacks.die.batch=10"], tmp_path)
     assert killed.returncode == 3
-    resumed = _cli([*common, f"hydra.run.dir={tmp_path}/new", f"ckpt_path={tmp_path}/killed/checkpoints/last.ckpt"], tmp_path)
+    resumed = train_cli([*common, f"hydra.run.dir={tmp_path}/new", f"ckpt_path={tmp_path}/killed/checkpoints/last.ckpt"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((tmp_path / "new" / "metrics.json").read_text())
     assert Path(metrics["best_checkpoint"]).parent == tmp_path / "new" / "checkpoints"  # carried into the new folder
@@ -108,11 +108,11 @@ def test_killed_then_resumed_into_a_new_folder_ends_as_the_uninterrupted_run(uni
 
 def test_sigterm_is_preemption_and_the_requeued_job_resumes(uninterrupted, tmp_path):
     common = [*TINY[:-1], "trainer.max_epochs=3", f"hydra.run.dir={tmp_path}/job"]
-    first = _cli([*common, "+callbacks.term._target_=tests.helpers.SigtermAt", "+callbacks.term.epoch=1",
+    first = train_cli([*common, "+callbacks.term._target_=tests.helpers.SigtermAt", "+callbacks.term.epoch=1",
                   "+callbacks.term.batch=20"], tmp_path)
     assert first.returncode == REQUEUE_EXIT, first.stderr[-3000:]
     assert (tmp_path / "job" / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "job" / "metrics.json").exists()
-    requeued = _cli(common, tmp_path)  # the same command again, as a requeue runs it
+    requeued = train_cli(common, tmp_path)  # the same command again, as a requeue runs it
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert "resuming the unfinished run" in requeued.stdout + requeued.stderr
     _assert_same_ending(json.loads((tmp_path / "job" / "metrics.json").read_text()), uninterrupted)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app import QUIET, ROOT
+from tests.helpers import QUIET, ROOT
 
 pytestmark = pytest.mark.slurm
 
@@ -54,7 +54,7 @@ def _same_ending(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def sweep(slurm_cluster, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("sweep")
-    proc = _train([*JOB, "model.lr=5e-5,2e-4"], log_dir, slurm_cluster)
+    proc = _train([*JOB, "model.optimizer.lr=5e-5,2e-4"], log_dir, slurm_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, _sweep_dir(log_dir)
 
@@ -72,7 +72,7 @@ def test_a_two_job_sweep_runs_as_two_slurm_jobs_ranked_on_validation(sweep):
 
 
 def test_preemption_exits_75_requeues_and_resumes_in_the_same_folder(sweep, slurm_cluster, tmp_path):
-    cmd = [sys.executable, "train.py", "-m", *JOB, "model.lr=5e-5", f"paths.log_dir={tmp_path}"]
+    cmd = [sys.executable, "train.py", "-m", *JOB, "model.optimizer.lr=5e-5", f"paths.log_dir={tmp_path}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**slurm_cluster, "HF_HUB_OFFLINE": "1"})
     try:
