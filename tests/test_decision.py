@@ -15,7 +15,7 @@ from spamclf.module import SpamClassifier
 from spamclf.pipeline import run
 from spamclf.reading import read_labelled_file
 from spamclf.splits import NATURAL
-from tests.test_app import TINY, compose_cfg
+from tests.helpers import TINY, compose_cfg
 
 
 def test_threshold_spellings():

@@ -13,7 +13,7 @@ import torch
 from spamclf.inference import Classifier
 from spamclf.pipeline import run
 from spamclf.tokenizer import encode_texts
-from tests.test_app import TINY, compose_cfg
+from tests.helpers import TINY, compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
