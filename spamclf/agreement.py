@@ -35,15 +35,15 @@ def report_agreement(clf, graph: Path, out=sys.stderr) -> float | None:
     checkpoint = clf.about.get("checkpoint")
     where = validation_file(checkpoint) if checkpoint else None
     if where is None or not where.is_file():
-        print(f"warning: agreement of the quantized graph with the checkpoint was not checked: no validation.csv beside "
-              f"checkpoints/ ({where or 'no checkpoint path'})", file=out)
+        print(f"warning: agreement of the quantized graph with the checkpoint was not checked: no validation.csv "
+              f"beside checkpoints/ ({where or 'no checkpoint path'})", file=out)
         return None
     texts = read_texts(where)
     share = label_agreement(clf, spamclf.load(graph), texts)
     if share < FLOOR:
-        print(f"warning: the quantized graph gives the checkpoint's label to only {share:.1%} of the {len(texts)} validation "
-              f"messages (below {FLOOR:.0%}); export without --quantize where labels must match", file=out)
+        print(f"warning: the quantized graph gives the checkpoint's label to only {share:.1%} of the {len(texts)} "
+              f"validation messages (below {FLOOR:.0%}); export without --quantize where labels must match", file=out)
     else:
-        print(f"the quantized graph gives the checkpoint's label to {share:.1%} of the {len(texts)} validation messages",
-              file=out)
+        print(f"the quantized graph gives the checkpoint's label to {share:.1%} of the {len(texts)} validation "
+              "messages", file=out)
     return share

@@ -38,8 +38,8 @@ class Preemption(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if trainer.received_sigterm:
-            log.warning("SIGTERM received: stopping at this batch; last.ckpt holds the last finished epoch; exit %d asks "
-                        "for a requeue", REQUEUE_EXIT)
+            log.warning("SIGTERM received: stopping at this batch; last.ckpt holds the last finished epoch; exit %d "
+                        "asks for a requeue", REQUEUE_EXIT)
             raise Preempted()
 
 
@@ -70,7 +70,8 @@ class RunCheckpoint(ModelCheckpoint):
             if Path(path).is_file():
                 best_k[moved(path)] = score
             else:
-                log.warning("resumed run: the best checkpoint %s is gone; the best is chosen among the remaining epochs", path)
+                log.warning("resumed run: the best checkpoint %s is gone; the best is chosen among the remaining "
+                            "epochs", path)
         best = state.get("best_model_path")
         carried = {**state, "dirpath": str(new), "best_k_models": best_k, "last_model_path": ""}
         if best and Path(best).is_file():

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field, replace
 from spamclf.errors import CheckpointError, InvalidOption
 
 THRESHOLD_RULES = ("fixed", "max_fpr", "min_precision", "max_f1")
-THRESHOLD_HELP = ("a number in [0, 1], or one of threshold.fixed=P, threshold.max_fpr=R (highest recall with at most that "
-                  "false-positive rate on validation), threshold.min_precision=P, threshold.max_f1=true")
+THRESHOLD_HELP = ("a number in [0, 1], or one of threshold.fixed=P, threshold.max_fpr=R (highest recall with at most "
+                  "that false-positive rate on validation), threshold.min_precision=P, threshold.max_f1=true")
 
 
 def positive_index(label_names: Sequence[str], positive_label: str | None = None) -> int:
@@ -42,7 +42,8 @@ def threshold_rule(spec) -> tuple[str, float]:
         raise InvalidOption("threshold", spec, THRESHOLD_HELP)
     unknown = sorted(set(spec) - set(THRESHOLD_RULES))
     if unknown:
-        raise InvalidOption(f"threshold.{unknown[0]}", spec[unknown[0]], "one of the keys " + ", ".join(THRESHOLD_RULES))
+        raise InvalidOption(f"threshold.{unknown[0]}", spec[unknown[0]],
+                            "one of the keys " + ", ".join(THRESHOLD_RULES))
     chosen = [(k, spec[k]) for k in ("max_fpr", "min_precision", "max_f1") if spec.get(k) not in (None, False)]
     if len(chosen) > 1:
         raise InvalidOption("threshold", dict(spec), "only one of max_fpr, min_precision, max_f1 at a time")
@@ -117,8 +118,9 @@ class Decision:
         return Prediction(text, self.label_names[best], probs[best], dict(zip(self.label_names, probs)), truncated)
 
     def as_dict(self) -> dict:
-        return {"label_names": list(self.label_names), "positive_label": self.positive_label, "threshold": self.threshold,
-                "rule": self.rule, "target": self.target, "temperature": self.temperature, "measured": dict(self.measured)}
+        return {"label_names": list(self.label_names), "positive_label": self.positive_label,
+                "threshold": self.threshold, "rule": self.rule, "target": self.target,
+                "temperature": self.temperature, "measured": dict(self.measured)}
 
 
 def load_decision(checkpoint: Mapping, source: str | os.PathLike = "the checkpoint") -> Decision:

@@ -105,7 +105,8 @@ def choose_decision(decision: Decision, logits: torch.Tensor, labels: torch.Tens
     probs = probabilities(logits, temperature)
     threshold = decision.threshold
     if decision.chosen_on_validation:
-        threshold = choose_threshold(probs[:, decision.positive], labels == decision.positive, decision.rule, decision.target)
+        threshold = choose_threshold(probs[:, decision.positive], labels == decision.positive, decision.rule,
+                                     decision.target)
     chosen = decision.chosen(threshold, temperature)
     point = operating_point(probs, labels, chosen)
     measured = {k: point[k] for k in ("count", "false_positives", "fpr", "recall", "precision") if k in point}
@@ -121,17 +122,20 @@ class Evaluated:
     point: dict  # operating_point(...)
 
 
-def operating_point(probs: torch.Tensor, labels: torch.Tensor, decision: Decision, prevalence: float | None = None) -> dict:
+def operating_point(probs: torch.Tensor, labels: torch.Tensor, decision: Decision,
+                    prevalence: float | None = None) -> dict:
     """Metrics of the decisions `decision` makes on these messages: accuracy, expected calibration error and the
     confusion matrix (rows: true class), then the positive class's figures (two classes) or macro averages and a
     per-class table (more)."""
     k, labels = probs.shape[1], labels.long()
     predicted = decide(probs, decision)
     confusion = torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
-    out = {"count": len(labels), "accuracy": float((predicted == labels).float().mean()) if len(labels) else float("nan"),
+    out = {"count": len(labels),
+           "accuracy": float((predicted == labels).float().mean()) if len(labels) else float("nan"),
            "ece": float(multiclass_calibration_error(probs, labels, num_classes=k, n_bins=15)),
            "confusion": confusion.tolist()}
-    out.update(_binary_point(probs, labels, predicted, decision, prevalence) if k == 2 else _multiclass_point(probs, labels, decision))
+    out.update(_binary_point(probs, labels, predicted, decision, prevalence) if k == 2
+               else _multiclass_point(probs, labels, decision))
     return out
 
 
@@ -160,20 +164,23 @@ def _binary_point(probs, labels, predicted, decision: Decision, prevalence: floa
         hits, alarms = out["recall"] * prevalence, out["fpr"] * (1 - prevalence)
         at_rate = hits / (hits + alarms) if hits + alarms else float("nan")
         out.update({"prevalence": prevalence, "precision_at_prevalence": at_rate,
-                    "f1_at_prevalence": 2 * at_rate * out["recall"] / (at_rate + out["recall"]) if at_rate + out["recall"] else 0.0})
+                    "f1_at_prevalence": 2 * at_rate * out["recall"] / (at_rate + out["recall"])
+                    if at_rate + out["recall"] else 0.0})
     return out
 
 
 def _multiclass_point(probs, labels, decision: Decision) -> dict:
     kw = {"num_classes": probs.shape[1]}
     per_class = zip(decision.label_names, multiclass_precision(probs, labels, average=None, **kw),
-                    multiclass_recall(probs, labels, average=None, **kw), multiclass_f1_score(probs, labels, average=None, **kw))
+                    multiclass_recall(probs, labels, average=None, **kw),
+                    multiclass_f1_score(probs, labels, average=None, **kw))
     return {
         "precision": float(multiclass_precision(probs, labels, average="macro", **kw)),
         "recall": float(multiclass_recall(probs, labels, average="macro", **kw)),
         "f1": float(multiclass_f1_score(probs, labels, average="macro", **kw)),
         "auroc": float(multiclass_auroc(probs, labels, average="macro", **kw)),
-        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int((labels == i).sum())}
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f),
+                             "support": int((labels == i).sum())}
                       for i, (name, p, r, f) in enumerate(per_class)},
     }
 
@@ -187,7 +194,8 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> 
             for b in range(n_bins) if (bins == b).any()]
 
 
-def gathered(outputs: dict[str, dict[str, list[torch.Tensor]]], world_size: int) -> dict[str, dict[str, list[torch.Tensor]]]:
+def gathered(outputs: dict[str, dict[str, list[torch.Tensor]]],
+             world_size: int) -> dict[str, dict[str, list[torch.Tensor]]]:
     """Every rank's outputs ({split: {"logits": [...], "labels": [...]}}) on every rank: each rank saw a shard."""
     if world_size == 1 or not torch.distributed.is_initialized():
         return outputs

@@ -54,10 +54,12 @@ def _merged_body(clf: Classifier) -> nn.Module:
 
 def _check_exportable_to_hf(clf: Classifier) -> None:
     if clf.readout.pooling != "last_nonpad":
-        raise SpamclfError(f"the checkpoint pools with model.pooling={clf.readout.pooling}; transformers' GPT-2 classifier reads "
-                           f"the last non-padding token: train with model.pooling=last_nonpad to export it (or use --format onnx)")
+        raise SpamclfError(f"the checkpoint pools with model.pooling={clf.readout.pooling}; transformers' GPT-2 "
+                           "classifier reads the last non-padding token: train with model.pooling=last_nonpad to "
+                           "export it (or use --format onnx)")
     if not clf.readout.causal:
-        raise SpamclfError("the checkpoint was trained with model.causal=false; transformers' GPT-2 is causal: use --format onnx")
+        raise SpamclfError("the checkpoint was trained with model.causal=false; transformers' GPT-2 is causal: "
+                           "use --format onnx")
 
 
 def hf_state_dict(clf: Classifier) -> dict[str, torch.Tensor]:
@@ -68,10 +70,12 @@ def hf_state_dict(clf: Classifier) -> dict[str, torch.Tensor]:
     body = _merged_body(clf)
     state = to_hf_state_dict(body)
     weight = body.out_head.weight.detach().double()
-    bias = body.out_head.bias.detach().double() if body.out_head.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    bias = (body.out_head.bias.detach().double() if body.out_head.bias is not None
+            else torch.zeros(weight.shape[0], dtype=torch.float64))
     delta = weight.T @ torch.linalg.solve(weight @ weight.T, bias)  # the least-norm δ with W·δ = b
     if not torch.allclose(weight @ delta, bias, atol=1e-6):
-        raise SpamclfError("the classification head has dependent rows, so its bias cannot be folded exactly; use --format onnx")
+        raise SpamclfError("the classification head has dependent rows, so its bias cannot be folded exactly; "
+                           "use --format onnx")
     state["transformer.ln_f.bias"] = (state["transformer.ln_f.bias"].double() + delta).float()
     state["score.weight"] = (weight / clf.decision.temperature).float().contiguous()
     return state
@@ -91,9 +95,11 @@ def export_hf(clf: Classifier, out: Path) -> Path:
             n_head=cfg.n_heads, layer_norm_epsilon=cfg.layer_norm_eps, activation_function="gelu_new",
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-            pad_token_id=PAD_ID, bos_token_id=PAD_ID, eos_token_id=PAD_ID, architectures=["GPT2ForSequenceClassification"],
+            pad_token_id=PAD_ID, bos_token_id=PAD_ID, eos_token_id=PAD_ID,
+            architectures=["GPT2ForSequenceClassification"],
         )
-        config.spamclf = {"positive_label": clf.decision.positive_label, "threshold": clf.decision.threshold, "max_length": width}
+        config.spamclf = {"positive_label": clf.decision.positive_label, "threshold": clf.decision.threshold,
+                          "max_length": width}
         config.save_pretrained(tmp)
         save_file(hf_state_dict(clf), tmp / "model.safetensors", metadata={"format": "pt"})
         shutil.copy(asset_path("encoder.json"), tmp / "vocab.json")
@@ -101,7 +107,8 @@ def export_hf(clf: Classifier, out: Path) -> Path:
         # The BPE files as they are (transformers builds its GPT-2 tokenizer from them), padding with <|endoftext|>.
         special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT, "pad_token": ENDOFTEXT}
         (tmp / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "GPT2Tokenizer", "model_max_length": width, "add_prefix_space": False, **special}, indent=2))
+            {"tokenizer_class": "GPT2Tokenizer", "model_max_length": width, "add_prefix_space": False, **special},
+            indent=2))
         (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     return out
 
@@ -135,8 +142,10 @@ def trace_onnx(clf: Classifier, path: Path) -> None:
     tokenization = clf.tokenization
     width = tokenization.get("pad_length") or 16
     example = (torch.full((2, width), 50256, dtype=torch.long), torch.tensor([width, max(1, width // 2)]))
-    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1, max=clf.model.cfg.context_length)
-    dynamic = {"input_ids": {0: batch} if tokenization.get("pad_length") else {0: batch, 1: length}, "lengths": {0: batch}}
+    batch, length = (torch.export.Dim("batch", min=1),
+                     torch.export.Dim("length", min=1, max=clf.model.cfg.context_length))
+    dynamic = {"input_ids": {0: batch} if tokenization.get("pad_length") else {0: batch, 1: length},
+               "lengths": {0: batch}}
     program = torch.onnx.export(wrapper, example, input_names=["input_ids", "lengths"], output_names=["logits"],
                                 dynamic_shapes=dynamic, dynamo=True, verbose=False)
     program.save(str(path))
@@ -193,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.quantize and args.format != "onnx":
-            raise SpamclfError(f"--quantize {args.quantize} applies to --format onnx only; drop --quantize or use --format onnx")
+            raise SpamclfError(f"--quantize {args.quantize} applies to --format onnx only; drop --quantize or use "
+                               "--format onnx")
         clf = checkpoint_classifier(args.ckpt)
-        written = export_hf(clf, Path(args.out)) if args.format == "hf" else export_onnx(clf, Path(args.out), args.quantize)
+        written = (export_hf(clf, Path(args.out)) if args.format == "hf"
+                   else export_onnx(clf, Path(args.out), args.quantize))
     except SpamclfError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -111,7 +111,8 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim), nn.GELU(approximate="tanh"), nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim), nn.GELU(approximate="tanh"),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +131,8 @@ class TransformerBlock(nn.Module):
     def linears(self) -> list[tuple[nn.Module, str, str | None]]:
         """Every linear layer as (parent module, attribute, the attribute of the activation that follows it in the
         same parent, or None): what a kernel library needs to swap layers or fuse an activation, by name."""
-        return [(self.att, "qkv", None), (self.att, "out_proj", None), (self.ff.layers, "0", "1"), (self.ff.layers, "2", None)]
+        return [(self.att, "qkv", None), (self.att, "out_proj", None),
+                (self.ff.layers, "0", "1"), (self.ff.layers, "2", None)]
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, at: torch.Tensor | None = None,
                 packed: Packed | None = None) -> torch.Tensor:
@@ -239,7 +241,8 @@ class GPT2(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[1]
         if t > self.cfg.context_length:
-            raise ValueError(f"input has {t} tokens, more than the context length {self.cfg.context_length}; truncate it")
+            raise ValueError(f"input has {t} tokens, more than the context length {self.cfg.context_length}; "
+                             "truncate it")
         pos = torch.arange(t, device=input_ids.device)
         return self.drop_emb(self.tok_emb(input_ids) + self.pos_emb(pos))
 

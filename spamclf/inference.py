@@ -28,20 +28,23 @@ from spamclf.packing import grid_align, prefix_batch
 from spamclf.precision import Precision, resolve
 
 log = logging.getLogger(__name__)
-NETWORK_KEYS = ("model_name", "weights", "weights_path", "trainable_layers", "lora_rank", "lora_alpha", "drop_rate", "causal")
+NETWORK_KEYS = ("model_name", "weights", "weights_path", "trainable_layers", "lora_rank", "lora_alpha", "drop_rate",
+                "causal")
 
 
 @contextmanager
 def checkpoint_errors(path: str | os.PathLike) -> Iterator[None]:
     """Whatever is wrong inside a checkpoint file, the user's fix is the same: one line that says so."""
     if not Path(path).is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; pass the .ckpt a training run wrote (its checkpoints/ folder)")
+        raise CheckpointError(f"{path}: checkpoint not found; pass the .ckpt a training run wrote "
+                              "(its checkpoints/ folder)")
     try:
         yield
     except SpamclfError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable spamclf checkpoint ({type(e).__name__}); pass a .ckpt written by train.py") from None
+        raise CheckpointError(f"{path}: not a readable spamclf checkpoint ({type(e).__name__}); "
+                              "pass a .ckpt written by train.py") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -56,7 +59,8 @@ def check_base_weights(checkpoint: dict, model: GPT2) -> None:
     if base is not None and base.get("sha256") != ours.get("sha256"):
         raise CheckpointError(
             f"checkpoint was trained on base weights {base.get('source')} (sha256 {base.get('sha256', '?')[:12]}…) but "
-            f"{ours.get('file')} has sha256 {ours.get('sha256', '?')[:12]}…; point model.weights_path at the original file"
+            f"{ours.get('file')} has sha256 {ours.get('sha256', '?')[:12]}…; "
+            "point model.weights_path at the original file"
         )
 
 
@@ -99,12 +103,14 @@ class Classifier(TextClassifier):
         with checkpoint_errors(path):
             hparams = checkpoint["hyper_parameters"]
             model = _network(checkpoint)
-            readout = Readout(hparams.get("pooling", "last"), hparams.get("pooled_only", True), hparams.get("causal", True))
+            readout = Readout(hparams.get("pooling", "last"), hparams.get("pooled_only", True),
+                              hparams.get("causal", True))
             decision = load_decision(checkpoint, path)
         device = torch.device(device)
         about = {"checkpoint": str(Path(path).resolve()), "model_name": hparams.get("model_name"),
                  "weights": hparams.get("weights")}
-        return cls(model, readout, decision, hparams.get("tokenization") or {}, resolve(precision, device), device, about)
+        return cls(model, readout, decision, hparams.get("tokenization") or {}, resolve(precision, device), device,
+                   about)
 
     def logits(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Class logits [B, C] (before temperature) of right-padded ids [B, T] with `lengths` real tokens."""

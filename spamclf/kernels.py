@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 def _onednn_ops():
     """oneDNN's prepacked-weight linear ops, or None. Private ops of torch (`torch.ops.mkldnn._reorder_linear_weight`,
     `_linear_pointwise`, written against torch 2.13.0): the ops the inductor CPU backend calls; a public
-    prepacking API was proposed in pytorch/pytorch#139387 and torch 2.13.0 has none. `tests/test_kernels.py`
-    fails loudly where the CPU runs bf16 natively and they vanish or change."""
+    prepacking API was proposed in pytorch/pytorch#139387 and torch 2.13.0 has none.
+    `tests/test_precision.py::test_private_torch_ops_are_where_the_code_expects_them` fails loudly where the CPU runs
+    bf16 natively and they vanish or change."""
     ops = torch.ops.mkldnn
     if hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"):
         return ops
@@ -59,7 +60,8 @@ class OneDNNLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and _cpu_bf16_autocast() and not (torch.is_grad_enabled() and x.requires_grad):
             post, algorithm = ("gelu", "tanh") if self.gelu else ("none", "")
-            return _onednn_ops()._linear_pointwise(x.to(torch.bfloat16), self.packed, self.packed_bias, post, [], algorithm)
+            return _onednn_ops()._linear_pointwise(x.to(torch.bfloat16), self.packed, self.packed_bias, post, [],
+                                                   algorithm)
         y = F.linear(x, self.weight, self.bias)
         return F.gelu(y, approximate="tanh") if self.gelu else y
 

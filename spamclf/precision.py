@@ -179,8 +179,8 @@ def resolve(requested, device="cpu") -> Precision:
     if requested != "auto":
         choice = Precision(requested, _LIGHTNING.get(requested, requested), "set explicitly")
         if kind == "cpu" and choice.dtype == torch.bfloat16 and not cpu_native_bf16():
-            _warn_once(f"precision {requested}: {cpu_bf16_summary()}, so bf16 matmuls are emulated, ~100x slower than fp32; "
-                       f"use precision auto (trainer.precision=auto)")
+            _warn_once(f"precision {requested}: {cpu_bf16_summary()}, so bf16 matmuls are emulated, ~100x slower than "
+                       f"fp32; use precision auto (trainer.precision=auto)")
         return choice
     if kind == "cuda":
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):

@@ -1,6 +1,7 @@
-"""Classify texts with a trained checkpoint; one JSON object per input.
+r"""Classify texts with a trained checkpoint; one JSON object per input.
 
-    python -m spamclf.predict --ckpt logs/train/runs/<run>/checkpoints/last.ckpt --text "WIN a prize!" --text "see you at 5"
+    python -m spamclf.predict --ckpt logs/train/runs/<run>/checkpoints/last.ckpt \
+        --text "WIN a prize!" --text "see you at 5"
     python -m spamclf.predict --ckpt CKPT --input messages.csv [--text-column text] --output predictions.jsonl
     python -m spamclf.predict --onnx DIR/model.onnx --input messages.txt     # ONNX Runtime, no torch imported
     python -m spamclf.predict --ckpt CKPT --input inbox.mbox --explain      # mail, with each word's contribution
@@ -90,7 +91,8 @@ def _numbered(fh, path: str, encoding: str) -> Iterator[tuple[int, str]]:
         for lineno, line in enumerate(fh, start=1):  # noqa: B007 - read after the loop on errors
             yield lineno, line
     except UnicodeDecodeError:
-        raise DataError(f"{path}:{lineno + 1}: bytes that are not valid {encoding}; re-save as UTF-8 or pass --encoding") from None
+        raise DataError(f"{path}:{lineno + 1}: bytes that are not valid {encoding}; "
+                        "re-save as UTF-8 or pass --encoding") from None
 
 
 def chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -99,7 +101,8 @@ def chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def input_records(path: str, text_column: str, encoding: str, headers: Sequence[str]) -> Iterator[tuple[str | None, str]]:
+def input_records(path: str, text_column: str, encoding: str,
+                  headers: Sequence[str]) -> Iterator[tuple[str | None, str]]:
     """(source name, text) of each message of --input: mail names its messages, a text file does not."""
     if is_mail_source(path):
         return iter_mail(path, headers)
@@ -138,13 +141,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", help="write JSON lines here instead of standard output")
     parser.add_argument("--text-column", default="text", help="column of --input CSV/TSV files holding the text")
     parser.add_argument("--encoding", default="utf-8")
-    parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per batch (short messages go many to a batch)")
+    parser.add_argument("--batch-tokens", type=int, default=2048,
+                        help="tokens per batch (short messages go many to a batch)")
     parser.add_argument("--chunk-size", type=int, default=4096, help="messages read from --input at a time")
-    parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="the same as --precision bf16")
+    parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                        help="the same as --precision bf16")
     parser.add_argument("--explain", action="store_true",
                         help="--ckpt only: add each word's contribution to the positive class (docs/explain.md)")
     parser.add_argument("--explain-method", default=None, help="occlusion (the default) or ig (integrated gradients)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it only shows on a terminal anyway)")
     return parser.parse_args(argv)
 
 

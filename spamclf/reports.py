@@ -51,7 +51,8 @@ class RunReport(L.Callback):
             for split, style in (("train", "-"), ("val", "-.")):
                 points = [(r["epoch"], r[f"{split}/{metric}"]) for r in self.history if f"{split}/{metric}" in r]
                 if points:
-                    ax.plot(*zip(*points), style, label=f"{'Training' if split == 'train' else 'Validation'} {title.lower()}")
+                    ax.plot(*zip(*points), style,
+                            label=f"{'Training' if split == 'train' else 'Validation'} {title.lower()}")
             ax.set_xlabel("Epochs")
             ax.set_ylabel(title)
             ax.legend()
@@ -67,9 +68,11 @@ class RunReport(L.Callback):
         decision = pl_module.decision
         names = list(decision.label_names)
         probs, labels = evaluated["test"].probs, evaluated["test"].labels
-        figures = {"test/confusion_matrix": (confusion_figure(torch.tensor(evaluated["test"].point["confusion"]), names),
-                                             "confusion_matrix.png"),
-                   "test/reliability_diagram": (reliability_figure(evaluated), "reliability.png")}
+        figures = {
+            "test/confusion_matrix": (confusion_figure(torch.tensor(evaluated["test"].point["confusion"]), names),
+                                      "confusion_matrix.png"),
+            "test/reliability_diagram": (reliability_figure(evaluated), "reliability.png"),
+        }
         if len(names) == 2:
             figures["test/roc_curve"] = (roc_figure(evaluated, decision), "roc_curve.png")
         self.plots_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +84,8 @@ class RunReport(L.Callback):
                 for tag, (fig, _) in figures.items():
                     writer.add_figure(tag, fig, global_step=trainer.global_step, close=False)
                 for i, name in enumerate(names):
-                    writer.add_pr_curve(f"test/pr_curve/{name}", labels == i, probs[:, i], global_step=trainer.global_step)
+                    writer.add_pr_curve(f"test/pr_curve/{name}", labels == i, probs[:, i],
+                                        global_step=trainer.global_step)
                 results = {k2: float(v) for k2, v in trainer.callback_metrics.items()
                            if k2.startswith(("test/", "best_", f"{NATURAL}/"))}
                 logger.log_hyperparams(dict(pl_module.hparams), results)
@@ -129,7 +133,8 @@ def confusion_figure(confusion: torch.Tensor, names: list[str]):
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
     top = int(confusion.max()) if confusion.numel() else 0
-    for (i, j), v in ((ij, int(confusion[ij])) for ij in ((a, b) for a in range(len(names)) for b in range(len(names)))):
+    for (i, j), v in ((ij, int(confusion[ij]))
+                      for ij in ((a, b) for a in range(len(names)) for b in range(len(names)))):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
     ax.set_title("Test confusion matrix")
     fig.tight_layout()

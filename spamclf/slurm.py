@@ -41,8 +41,9 @@ def oversized(launcher: DictConfig, node: tuple[str, int, int, int]) -> str | No
     for key, want, has, says in asks:
         if want > has:
             return (f"hydra.launcher.{key}={launcher.get(key)} asks a node of partition {name} for more than it has "
-                    f"({says} a node{f', {tasks} tasks' if key == 'cpus_per_task' and tasks > 1 else ''}); lower it, set it "
-                    f"to null for the partition's default{', or use hydra/launcher=slurm_cpu' if key == 'gpus_per_node' else ''}")
+                    f"({says} a node{f', {tasks} tasks' if key == 'cpus_per_task' and tasks > 1 else ''}); "
+                    "lower it, set it to null for the partition's default"
+                    f"{', or use hydra/launcher=slurm_cpu' if key == 'gpus_per_node' else ''}")
     return None
 
 

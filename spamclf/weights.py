@@ -104,7 +104,8 @@ def hf_body_names(n_layers: int) -> list[str]:
     """Every weight name of a Hugging Face GPT-2 body (no `transformer.` prefix, no head)."""
     per_block = [f"{part}.{p}" for part in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
                  for p in ("weight", "bias")]
-    return ["wte.weight", "wpe.weight", *(f"h.{i}.{n}" for i in range(n_layers) for n in per_block), "ln_f.weight", "ln_f.bias"]
+    return ["wte.weight", "wpe.weight", *(f"h.{i}.{n}" for i in range(n_layers) for n in per_block),
+            "ln_f.weight", "ln_f.bias"]
 
 
 def to_hf_state_dict(model: GPT2, prefix: str = "transformer.") -> dict[str, torch.Tensor]:
@@ -141,7 +142,8 @@ def _config_for(source, config_json: Path | None, tensors: dict[str, torch.Tenso
     shape = (wte.shape[1], n_layers)
     match = next((c for c in PRESETS.values() if (c.emb_dim, c.n_layers) == shape), None)
     if match is None:
-        raise CheckpointError(f"{source}: cannot tell the number of attention heads; put the model's config.json beside it")
+        raise CheckpointError(f"{source}: cannot tell the number of attention heads; "
+                              "put the model's config.json beside it")
     return replace(match, vocab_size=wte.shape[0], context_length=wpe.shape[0])
 
 
@@ -153,7 +155,8 @@ def resolve_weights(source: str | os.PathLike, cache_dir: str | None = None) -> 
     if path.is_dir():
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
-            raise CheckpointError(f"{path}: folder has no {WEIGHTS_FILE}; point at the .safetensors file or the right folder")
+            raise CheckpointError(f"{path}: folder has no {WEIGHTS_FILE}; "
+                                  "point at the .safetensors file or the right folder")
         return weights, (path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else None
     if path.suffix == ".safetensors" or path.is_file():
         if not path.is_file():
@@ -164,7 +167,8 @@ def resolve_weights(source: str | os.PathLike, cache_dir: str | None = None) -> 
         raise InvalidOption("weights", "pretrained", "'random' for gpt2-tiny (no pretrained tiny GPT-2 exists)")
     repo = HUB_IDS.get(text, text)
     if "/" not in repo:
-        raise InvalidOption("model_name", text, "a preset (" + ", ".join(HUB_IDS) + "), a hub id, a .safetensors file or a folder")
+        raise InvalidOption("model_name", text,
+                            "a preset (" + ", ".join(HUB_IDS) + "), a hub id, a .safetensors file or a folder")
     return _hub_download(repo, WEIGHTS_FILE, cache_dir), _hub_download(repo, CONFIG_FILE, cache_dir)
 
 
@@ -191,7 +195,8 @@ def _hub_download(repo: str, filename: str, cache_dir: str | None) -> Path:
     except LocalEntryNotFoundError:
         raise unavailable from None
     except RepositoryNotFoundError:
-        raise SpamclfError(f"hub repository {repo!r} not found; use a preset (gpt2-small …) or a GPT-2 hub id") from None
+        raise SpamclfError(f"hub repository {repo!r} not found; "
+                           "use a preset (gpt2-small …) or a GPT-2 hub id") from None
     except EntryNotFoundError:
         raise SpamclfError(f"hub repository {repo!r} has no {filename}; it needs safetensors GPT-2 weights") from None
     except OSError as e:  # HTTP and connection errors

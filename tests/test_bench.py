@@ -117,7 +117,8 @@ def _profiled_fit(tmp_path: Path, *overrides: str) -> subprocess.CompletedProces
     """A tiny fit through train.py, its steps profiled by part into tmp_path/prof."""
     prof = tmp_path / "prof"
     args = ["model=gpt2-tiny", "trainer.accelerator=cpu", "~callbacks.rich_progress_bar",
-            "trainer.enable_progress_bar=false", "trainer.max_epochs=1", "trainer.limit_train_batches=40", "trainer.limit_val_batches=4", "test=false",
+            "trainer.enable_progress_bar=false", "trainer.max_epochs=1", "trainer.limit_train_batches=40",
+            "trainer.limit_val_batches=4", "test=false",
             "experiment=fast", "+trainer.profiler._target_=benchmarks.profiler.StepMarks",
             "+callbacks.steps._target_=benchmarks.profiler.StepProfile", f"+callbacks.steps.dirpath={prof}",
             f"paths.log_dir={tmp_path}", *overrides]

@@ -28,7 +28,8 @@ SMS = asset_path(SMS_FILE)
 
 
 def test_embedded_collection_is_the_official_file_with_every_message():
-    assert hashlib.sha256(Path(SMS).read_bytes()).hexdigest() == "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+    assert (hashlib.sha256(Path(SMS).read_bytes()).hexdigest()
+            == "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d")
     frame = read_labelled_file(SMS)
     assert len(frame) == 5574  # pandas' default quoting merges lines into 5,572
     assert frame["label"].value_counts().to_dict() == {"ham": 4827, "spam": 747}
@@ -80,7 +81,8 @@ def test_ids_equal_tiktoken_gpt2(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
     reference = tiktoken.get_encoding("gpt2")
-    texts = read_labelled_file(SMS)["text"].tolist()[:500] + ["Hello, world!", "  spaces\tand\nnewlines ", "£1000 émoji 🎉"]
+    texts = read_labelled_file(SMS)["text"].tolist()[:500] + ["Hello, world!", "  spaces\tand\nnewlines ",
+                                                              "£1000 émoji 🎉"]
     assert encode_texts(texts) == [reference.encode(t) for t in texts]
     assert gpt2_encoding().encode("<|endoftext|>", allowed_special="all") == [PAD_ID]
     assert hashlib.sha256(Path(asset_path("vocab.bpe")).read_bytes()).hexdigest() == VOCAB_BPE_SHA256
@@ -110,7 +112,8 @@ def test_longest_train_pads_every_split_to_the_train_maximum(sms_module):
 
 @pytest.mark.parametrize(
     "kwargs, width",
-    [({"padding": "fixed", "max_length": 50}, 50), ({"padding": "model"}, 1024), ({"padding": "model", "context_length": 256}, 256)],
+    [({"padding": "fixed", "max_length": 50}, 50), ({"padding": "model"}, 1024),
+     ({"padding": "model", "context_length": 256}, 256)],
 )
 def test_fixed_width_padding(kwargs, width):
     dm = SpamDataModule(**kwargs)
@@ -202,7 +205,8 @@ def test_jsonl_and_headerless_tsv(tmp_path):
     dm = SpamDataModule(path=_write(tmp_path / "d.jsonl", "\n".join(lines)))
     dm.setup()
     assert dm.label_names == ["a", "b"] and len(dm.frames["train"]) == 28
-    tsv = SpamDataModule(path=_write(tmp_path / "d.tsv", "\n".join(f"{'x' if i % 2 else 'y'}\tsms {i}" for i in range(40))))
+    tsv = SpamDataModule(path=_write(tmp_path / "d.tsv",
+                                     "\n".join(f"{'x' if i % 2 else 'y'}\tsms {i}" for i in range(40))))
     tsv.setup()
     assert tsv.label_names == ["x", "y"]
 

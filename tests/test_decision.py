@@ -49,7 +49,8 @@ def _rates(scores, positive, t):
 def test_chosen_thresholds_are_the_best_that_meet_their_target(seed):
     g = torch.Generator().manual_seed(seed)
     positive = torch.rand(400, generator=g) < 0.4
-    scores = torch.where(positive, torch.rand(400, generator=g) * 0.7 + 0.3, torch.rand(400, generator=g) * 0.8).double()
+    scores = torch.where(positive, torch.rand(400, generator=g) * 0.7 + 0.3,
+                         torch.rand(400, generator=g) * 0.8).double()
     grid = [*torch.unique(scores).tolist(), 1.01]
     for rule, target, ok, merit in (
         ("max_fpr", 0.01, lambda r: r[1] <= 0.01, lambda r: r[0]),
@@ -80,8 +81,10 @@ def test_operating_point_counts():
     strict = operating_point(probs, labels, spam.chosen(0.7, 1.0))
     assert strict["false_positives"] == "0 of 3 ham" and strict["recall"] == pytest.approx(2 / 3)
     assert decide(probs, spam.chosen(0.7, 1.0)).tolist() == [0, 0, 1, 0, 1, 0]
-    assert [spam.chosen(0.7, 1.0).label(p) for p in probs.tolist()] == [0, 0, 1, 0, 1, 0]  # one message at a time, alike
-    three = operating_point(torch.eye(3)[[0, 1, 2, 2]], torch.tensor([0, 1, 2, 1]), Decision(("a", "b", "c"), positive=2))
+    # one message at a time, alike
+    assert [spam.chosen(0.7, 1.0).label(p) for p in probs.tolist()] == [0, 0, 1, 0, 1, 0]
+    three = operating_point(torch.eye(3)[[0, 1, 2, 2]], torch.tensor([0, 1, 2, 1]),
+                            Decision(("a", "b", "c"), positive=2))
     assert three["per_class"]["b"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
 
 
@@ -144,12 +147,14 @@ def test_headerless_csv_by_position(tmp_path):
 
 def test_bad_positive_label_is_one_line(tmp_path):
     dm = SpamDataModule(positive_label="junk")
-    with pytest.raises(DataError, match=r"data\.positive_label='junk' is not valid; choose one of the labels ham, spam"):
+    with pytest.raises(DataError, match=r"data\.positive_label='junk' is not valid; choose one of the labels "
+                                        r"ham, spam"):
         dm.setup()
 
 
 def test_a_run_chooses_its_threshold_on_validation_and_prediction_uses_it(tmp_path):
-    cfg = compose_cfg([*TINY[:-1], "trainer.max_epochs=2", "model.threshold.max_fpr=0.01", "model.calibrate=true"], tmp_path)
+    cfg = compose_cfg([*TINY[:-1], "trainer.max_epochs=2", "model.threshold.max_fpr=0.01", "model.calibrate=true"],
+                      tmp_path)
     summary = run(cfg)
     point = json.loads((tmp_path / "metrics.json").read_text())["operating_point"]
     assert point["rule"] == "max_fpr" and point["positive_label"] == "spam" and point["temperature"] > 0
@@ -173,8 +178,8 @@ def test_a_run_chooses_its_threshold_on_validation_and_prediction_uses_it(tmp_pa
     assert model.decision.measured["split"] == "validation" and model.decision.measured["fpr"] <= 0.01
     last = load_decision(read_checkpoint(tmp_path / "checkpoints" / "last.ckpt"))  # its own epoch's choice, same rule
     assert last.rule == "max_fpr" and last.measured["fpr"] <= 0.01 and last.temperature > 0
-    texts = ["WINNER!! Claim your prize now, call 09061701461", "are we still on for lunch?", "Free entry in 2 a wkly comp",
-             "Txt STOP to end", "Ok lar... Joking wif u oni..."]
+    texts = ["WINNER!! Claim your prize now, call 09061701461", "are we still on for lunch?",
+             "Free entry in 2 a wkly comp", "Txt STOP to end", "Ok lar... Joking wif u oni..."]
     for r in model.predict(texts):
         assert (r.label == "spam") == (r.probabilities["spam"] >= model.decision.threshold)
 
@@ -193,6 +198,7 @@ def test_a_checkpoint_without_its_decision_entry_is_one_line(tiny_run, tmp_path)
     with pytest.raises(SpamclfError) as caught:
         Classifier.load(tmp_path / "old.ckpt")
     assert str(caught.value) == message
-    proc = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(tmp_path / "old.ckpt"), "--text", "hi"],
+    proc = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(tmp_path / "old.ckpt"),
+                           "--text", "hi"],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {message}"]

@@ -39,8 +39,8 @@ def _padded(texts):
 
 
 def _export(ckpt, out, fmt):
-    return subprocess.run([sys.executable, "-m", "spamclf.export", "--ckpt", str(ckpt), "--out", str(out), "--format", fmt],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "spamclf.export", "--ckpt", str(ckpt), "--out", str(out),
+                           "--format", fmt], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_hf_folder_loads_in_transformers_with_our_logits_and_labels(ckpt, sms_texts, tmp_path):

@@ -116,7 +116,8 @@ def test_base64_body(tmp_path):
 
 
 def test_unknown_charset_falls_back_to_utf8_then_windows_1252(tmp_path):
-    utf8 = b"Subject: =?x-no-such-charset?q?A_caf=C3=A9?=\nContent-Type: text/plain; charset=x-no-such-charset\n\ncaf\xc3\xa9\n"
+    utf8 = (b"Subject: =?x-no-such-charset?q?A_caf=C3=A9?=\n"
+            b"Content-Type: text/plain; charset=x-no-such-charset\n\ncaf\xc3\xa9\n")
     cp1252 = b"Subject: B\nContent-Type: text/plain; charset=x-no-such-charset\n\ncaf\xe9 \x80\n"
     write_eml(tmp_path / "a.eml", utf8)
     write_eml(tmp_path / "b.eml", cp1252)

@@ -18,8 +18,8 @@ LONG = "win a free prize now " * 200  # past the 120 tokens the run padded to: t
 
 
 def _export(ckpt, out, *extra):
-    return subprocess.run([sys.executable, "-m", "spamclf.export", "--ckpt", str(ckpt), "--out", str(out), "--format", "onnx",
-                           *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "spamclf.export", "--ckpt", str(ckpt), "--out", str(out),
+                           "--format", "onnx", *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,9 @@ def test_predict_onnx_writes_the_classifiers_answers_without_importing_torch(exp
     (tmp_path / "in.txt").write_text("\n".join(t.replace("\n", " ") for t in texts if "\n" not in t) + "\n")
     probe = ("import sys, spamclf.predict as p; code = p.main(sys.argv[1:]); "
              "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)")
-    proc = subprocess.run([sys.executable, "-c", probe, "--onnx", str(exported["fp32"]), "--input", str(tmp_path / "in.txt"),
-                           "--output", str(tmp_path / "out.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", probe, "--onnx", str(exported["fp32"]),
+                           "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.jsonl")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "precision onnx -> fp32" in proc.stderr
     want = {r.text: r for r in reference}
@@ -99,14 +100,16 @@ def test_predict_onnx_writes_the_classifiers_answers_without_importing_torch(exp
 def test_serve_onnx_answers_predict_and_info_without_torch(exported, texts, reference):
     import psutil
 
-    base, proc = start_server(["--onnx", str(exported["int8"]), "--max-texts", "8"], exported["int8"].parent / "server.log", ROOT)
+    base, proc = start_server(["--onnx", str(exported["int8"]), "--max-texts", "8"],
+                              exported["int8"].parent / "server.log", ROOT)
     try:
         status, answer = http_request(base + "/predict", {"texts": texts[:8]})
         assert status == 200 and [a["text"] for a in answer["predictions"]] == texts[:8]
         for got, want in zip(answer["predictions"], reference[:8]):
             assert got["probabilities"]["spam"] == pytest.approx(want.probabilities["spam"], abs=0.05)
         status, info = http_request(base + "/info")
-        assert status == 200 and info["model"]["precision"]["used"] == "int8" and info["model"]["label_names"] == ["ham", "spam"]
+        assert (status == 200 and info["model"]["precision"]["used"] == "int8"
+                and info["model"]["label_names"] == ["ham", "spam"])
         assert info["model"]["limits"]["max_texts"] == 8
         processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         assert len(processes) >= 2  # the API server and its inference worker
@@ -120,7 +123,8 @@ def test_serve_onnx_answers_predict_and_info_without_torch(exported, texts, refe
 def test_a_bad_onnx_path_or_flag_is_one_line(module, tmp_path, exported):
     def run(*args):
         extra = ["--text", "hi"] if module == "spamclf.predict" else []
-        return subprocess.run([sys.executable, "-m", module, *args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return subprocess.run([sys.executable, "-m", module, *args, *extra], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
 
     proc = run("--onnx", str(tmp_path / "none.onnx"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
@@ -128,7 +132,8 @@ def test_a_bad_onnx_path_or_flag_is_one_line(module, tmp_path, exported):
         f"`python -m spamclf.export --format onnx` wrote (fix --onnx)"]
     (tmp_path / "bad.onnx").write_text("not a graph")
     proc = run("--onnx", str(tmp_path / "bad.onnx"))
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "not a readable ONNX model" in proc.stderr
+    assert (proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+            and "not a readable ONNX model" in proc.stderr)
     proc = run("--onnx", str(exported["fp32"]), "--precision", "bf16")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --precision applies to --ckpt only; an ONNX graph runs on the CPU at the precision it was exported at: "
@@ -144,7 +149,8 @@ def test_export_says_when_agreement_was_not_checked_and_refuses_quantizing_hf(ck
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "was not checked" in warnings[0]
     proc = subprocess.run([sys.executable, "-m", "spamclf.export", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf"),
-                           "--format", "hf", "--quantize", "int8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--format", "hf", "--quantize", "int8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --quantize int8 applies to --format onnx only; drop --quantize or use --format onnx"]
     assert not (tmp_path / "hf").exists()
@@ -168,7 +174,8 @@ def test_spamclf_load_gives_both_backends_one_interface(ckpt, exported, texts):
     for name in ("pooling", "label_names", "padding", "decision"):
         assert ours[name] == theirs[name], name
     for a, b in zip(torch_side.predict(texts), graph.predict(texts), strict=True):
-        assert (a.text, a.label, a.truncated, list(a.probabilities)) == (b.text, b.label, b.truncated, list(b.probabilities))
+        assert ((a.text, a.label, a.truncated, list(a.probabilities))
+                == (b.text, b.label, b.truncated, list(b.probabilities)))
         assert a.probability == pytest.approx(b.probability, abs=1e-4)
 
 
@@ -181,7 +188,8 @@ def test_spamclf_load_refuses_what_the_backend_does_not_take_in_one_line(ckpt, e
     with pytest.raises(SpamclfError, match=r"^precision= is not an option for an ONNX graph \(.*\); it takes threads: "
                                            r"drop precision$"):
         spamclf.load(exported["fp32"], precision="bf16")
-    with pytest.raises(SpamclfError, match=r"^threads= is not an option for a checkpoint \(.*\); it takes device, precision"):
+    with pytest.raises(SpamclfError, match=r"^threads= is not an option for a checkpoint \(.*\); it takes device, "
+                                           r"precision"):
         spamclf.load(ckpt, threads=2)
     probe = "import sys; sys.modules['onnxruntime'] = None; import spamclf.predict as p; sys.exit(p.main(sys.argv[1:]))"
     proc = subprocess.run([sys.executable, "-c", probe, "--onnx", str(exported["fp32"]), "--text", "hi"], cwd=ROOT,

@@ -1,6 +1,6 @@
-"""The hardware switch (spamclf.precision, spamclf.kernels): precision auto, native-bf16 detection and its override, the oneDNN kernels and their
-plain fallback, progress bars. `.ci/run` runs this file again with SPAMCLF_NATIVE_BF16=0, so a CPU with
-native bf16 also exercises the path of CPUs without it."""
+"""The hardware switch (spamclf.precision, spamclf.kernels): precision auto, native-bf16 detection and its override,
+the oneDNN kernels and their plain fallback, progress bars. `.ci/run` runs this file again with SPAMCLF_NATIVE_BF16=0,
+so a CPU with native bf16 also exercises the path of CPUs without it."""
 
 import io
 import logging
@@ -32,7 +32,8 @@ def test_the_switch_overrides_detection(monkeypatch):
     monkeypatch.setenv(NATIVE_BF16_ENV, "1")
     assert cpu_native_bf16() and resolve("auto", "cpu").lightning == "bf16-mixed"
     assert resolve("auto", torch.device("cpu")).dtype == torch.bfloat16
-    assert onednn_kernels() == (precision.cpu().onednn_bf16 and _onednn_ops() is not None)  # forcing never enables kernels oneDNN lacks
+    # forcing never enables kernels oneDNN lacks
+    assert onednn_kernels() == (precision.cpu().onednn_bf16 and _onednn_ops() is not None)
     monkeypatch.setenv(NATIVE_BF16_ENV, "maybe")
     with pytest.raises(SpamclfError, match=f"{NATIVE_BF16_ENV}='maybe' is not valid"):
         cpu_native_bf16()
@@ -75,7 +76,8 @@ def test_explicit_bf16_on_a_cpu_without_it_runs_after_one_warning(monkeypatch, c
 def test_private_torch_ops_are_where_the_code_expects_them():
     """Fails loudly when torch drops or renames the private oneDNN ops spamclf uses (written against torch 2.13.0)."""
     if torch.backends.mkldnn.is_available():
-        assert hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"), "torch.ops.mkldnn._is_mkldnn_bf16_supported is gone"
+        assert hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"), (
+            "torch.ops.mkldnn._is_mkldnn_bf16_supported is gone")
     if precision.cpu().bf16_flag and _onednn_bf16_supported():
         assert _onednn_ops() is not None, "torch.ops.mkldnn._linear_pointwise / _reorder_linear_weight are gone"
         weight = torch.randn(8, 16)
@@ -125,7 +127,8 @@ def test_onednn_kernels_fuse_gelu_closer_to_fp32_and_leave_nothing_behind():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         plain = ff(x).float()
         with onednn_bf16_inference(holder):
-            assert isinstance(ff.layers[0], OneDNNLinear) and ff.layers[0].gelu and isinstance(ff.layers[1], torch.nn.Identity)
+            assert (isinstance(ff.layers[0], OneDNNLinear) and ff.layers[0].gelu
+                    and isinstance(ff.layers[1], torch.nn.Identity))
             assert isinstance(block.att.qkv, OneDNNLinear)
             fused = ff(x).float()
     assert list(ff.layers) == originals and type(block.att.qkv) is torch.nn.Linear
@@ -163,7 +166,8 @@ def test_prediction_at_auto_agrees_with_fp32():
 
 def test_progress_bar_draws_on_a_terminal_only():
     screen = io.StringIO()
-    with progress_bar("prefix cache (train)", 10, console=Console(file=screen, force_terminal=True, width=100)) as advance:
+    with progress_bar("prefix cache (train)", 10,
+                      console=Console(file=screen, force_terminal=True, width=100)) as advance:
         for _ in range(10):
             advance(1)
     assert "prefix cache (train)" in screen.getvalue()

@@ -26,7 +26,8 @@ def test_the_inference_side_imports_no_training_framework(module):
 
 
 def test_decisions_batch_plans_and_the_inference_base_need_no_torch():
-    assert "torch" not in _imported_after("import spamclf.decision, spamclf.batching, spamclf.tokenizer, spamclf.classifier")
+    assert "torch" not in _imported_after("import spamclf.decision, spamclf.batching, spamclf.tokenizer, "
+                                          "spamclf.classifier")
 
 
 def test_the_onnx_path_and_the_front_ends_import_no_torch():
@@ -57,7 +58,8 @@ def _toy_graph(path: Path) -> Path:
         nodes, "toy", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "length"]),
                        helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor("ten", TensorProto.FLOAT, [], [10.0]), helper.make_tensor("axis", TensorProto.INT64, [1], [1])])
+        [helper.make_tensor("ten", TensorProto.FLOAT, [], [10.0]),
+         helper.make_tensor("axis", TensorProto.INT64, [1], [1])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     decision = {"label_names": ["ham", "spam"], "positive_label": "spam", "threshold": 0.55, "rule": "fixed",
                 "target": 0.5, "temperature": 1.0, "measured": {}}
