@@ -59,7 +59,11 @@ log = logging.getLogger(__name__)
 PADDING_CHOICES = ("longest_train", "batch", "fixed", "model", "none")
 
 
-def _check_reading(truncation: str, natural_max, mail_headers) -> None:
+def _check_reading(reader: str, splits: Sequence[float], truncation: str, natural_max, mail_headers) -> None:
+    if reader not in READERS:
+        raise InvalidOption("reader", reader, "one of " + ", ".join(READERS))
+    if len(splits) != 3 or any(f < 0 for f in splits) or sum(splits) > 1 + 1e-9:
+        raise InvalidOption("splits", list(splits), "three non-negative fractions (train, val, test) summing to at most 1")
     if truncation not in TRUNCATION:
         raise InvalidOption("truncation", truncation, "one of " + ", ".join(TRUNCATION))
     if natural_max is not None and not (isinstance(natural_max, int) and natural_max > 0):
@@ -161,13 +165,8 @@ class SpamDataModule(L.LightningDataModule):
         super().__init__()
         eval_batch_size = eval_batch_size or batch_size
         _check_batching(padding, max_length, batch_size, eval_batch_size, pad_to_multiple_of)
-        _check_reading(truncation, natural_max, mail_headers)
+        _check_reading(reader, splits, truncation, natural_max, mail_headers)
         mail_headers = [str(name) for name in mail_headers]
-        if reader not in READERS:
-            raise InvalidOption("reader", reader, "one of " + ", ".join(READERS))
-        if len(splits) != 3 or any(f < 0 for f in splits) or sum(splits) > 1 + 1e-9:
-            raise InvalidOption("splits", list(splits),
-                                "three non-negative fractions (train, val, test) summing to at most 1")
         splits, labels = tuple(splits), (list(labels) if labels is not None else None)
         self.save_hyperparameters(logger=False)  # every argument, as `self.hparams.<name>`
         self.protocol = "book" if reader == "book" and path is None and not dedupe else "exact"  # what setup reads
