@@ -16,7 +16,8 @@ from contextlib import AbstractContextManager, nullcontext
 
 from spamclf.batching import length_batches, right_padded, round_up
 from spamclf.decision import Decision, Prediction
-from spamclf.tokenizer import encode_truncated
+from spamclf.errors import CheckpointError
+from spamclf.tokenizer import TRUNCATION, encode_truncated
 
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")  # what `--precision` offers; Lightning's own names work too
 
@@ -31,7 +32,8 @@ def release_freed_memory() -> None:
 
 class TextClassifier(ABC):
     """A trained model that classifies raw texts. `decision`: from probabilities to labels; `tokenization`: the
-    run's padding rule (padding, pad_length, context_length). A subclass sets `precision` (requested, name,
+    run's padding rule (padding, pad_length, context_length), how it cut long messages (truncation) and the mail
+    headers it put first (mail_headers). A subclass sets `precision` (requested, name,
     reason) and may raise `align`: batch widths are rounded up to a multiple of it (fewer kernel shapes where
     trailing padding cannot change a result)."""
 
@@ -40,6 +42,11 @@ class TextClassifier(ABC):
         self.context_length, self.align = context_length, 1
         self.pad_length: int | None = self.tokenization.get("pad_length")
         self.width: int = self.pad_length or self.tokenization.get("context_length") or context_length
+        # models trained before data.truncation existed kept each message's beginning
+        self.truncation: str = self.tokenization.get("truncation") or "head"
+        if self.truncation not in TRUNCATION:
+            raise CheckpointError(f"the model's tokenization has truncation={self.truncation!r}, which this spamclf "
+                                  f"does not know ({', '.join(TRUNCATION)}); upgrade spamclf to load it")
         # pooling=last reads the padded sequence's last position: without a fixed width, only equal widths batch
         # together, so a message's probability never depends on what it is batched with.
         self.one_width = self.pad_length is None and pooling == "last"
@@ -62,13 +69,18 @@ class TextClassifier(ABC):
 
     def predict(self, texts: Sequence[str], batch_tokens: int = 2048,
                 progress: Callable[[int], None] | None = None) -> list[Prediction]:
-        """One Prediction per text, in order. Texts longer than the training width (or the context) are cut to it,
-        keeping their beginning, and marked `truncated`; an empty text is a lone <|endoftext|>. Identical texts are
-        classified once. `progress(n)`: n more distinct texts done."""
+        """One Prediction per text, in order. Texts longer than the training width (or the context) are cut to it
+        as training cut them (`encode`) and marked `truncated`; an empty text is a lone <|endoftext|>. Identical
+        texts are classified once. `progress(n)`: n more distinct texts done."""
         distinct = list(dict.fromkeys(str(t) for t in texts))
-        ids, truncated = encode_truncated(distinct, self.width)
+        ids, truncated = self.encode(distinct)
         answers = dict(zip(distinct, zip(self._probabilities(ids, batch_tokens, progress), truncated)))
         return [self.decision.predict(str(text), *answers[str(text)]) for text in texts]
+
+    def encode(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids of `texts` cut to the width the way training cut them (head, tail or head_tail), and whether
+        each was cut: the rows the model sees."""
+        return encode_truncated([str(t) for t in texts], self.width, self.truncation)
 
     def batch_plan(self, ids: Sequence[Sequence[int]], batch_tokens: int) -> Iterator[tuple[list[int], int]]:
         """(rows, width) of each batch: rows of similar width together, at most about `batch_tokens` positions."""
@@ -95,5 +107,6 @@ class TextClassifier(ABC):
         precision = self.precision
         return {**self._source_card(), "pooling": self.pooling, "label_names": self.label_names,
                 "padding": {k: self.tokenization.get(k) for k in ("padding", "pad_length", "context_length")},
+                "truncation": self.truncation, "mail_headers": list(self.tokenization.get("mail_headers") or []),
                 "decision": self.decision.as_dict(),
                 "precision": {"requested": precision.requested, "used": precision.name, "reason": precision.reason}}

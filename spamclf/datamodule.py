@@ -37,7 +37,9 @@ from spamclf.reading import (
     UCI_URL,
     download_sms,
     info_on_rank_zero,
+    is_mail_data,
     read_labelled_file,
+    read_mail_data,
     read_sms_as_the_book,
     warn_on_rank_zero,
 )
@@ -48,12 +50,26 @@ from spamclf.splits import (
     balance_classes,
     book_natural_frame,
     natural_frame,
+    sample_at_most,
     split_frame,
 )
-from spamclf.tokenizer import asset_path, encode_texts
+from spamclf.tokenizer import TRUNCATION, asset_path, encode_texts, truncate
 
 log = logging.getLogger(__name__)
 PADDING_CHOICES = ("longest_train", "batch", "fixed", "model", "none")
+
+
+def _check_reading(reader: str, splits: Sequence[float], truncation: str, natural_max, mail_headers) -> None:
+    if reader not in READERS:
+        raise InvalidOption("reader", reader, "one of " + ", ".join(READERS))
+    if len(splits) != 3 or any(f < 0 for f in splits) or sum(splits) > 1 + 1e-9:
+        raise InvalidOption("splits", list(splits), "three non-negative fractions (train, val, test) summing to at most 1")
+    if truncation not in TRUNCATION:
+        raise InvalidOption("truncation", truncation, "one of " + ", ".join(TRUNCATION))
+    if natural_max is not None and not (isinstance(natural_max, int) and natural_max > 0):
+        raise InvalidOption("natural_max", natural_max, "a positive number of messages, or null for all")
+    if isinstance(mail_headers, str) or not all(isinstance(name, str) for name in mail_headers):
+        raise InvalidOption("mail_headers", mail_headers, "a list of header names, e.g. [From, To]")
 
 
 def _check_batching(padding: str, max_length, batch_size: int, eval_batch_size: int, pad_to_multiple_of) -> None:
@@ -74,7 +90,8 @@ class SpamDataModule(L.LightningDataModule):
     """Labelled text → balanced, split, tokenized, padded batches. Defaults are the book's recipe.
 
     Args:
-        path: CSV, TSV or JSONL file; None means the embedded SMS Spam Collection.
+        path: CSV, TSV or JSONL file, or a folder of mail with a subfolder per class (docs/mail.md); None means
+            the embedded SMS Spam Collection.
         format: auto (by suffix), sms, csv, tsv or jsonl.
         text_column, label_column: column names for files with a header (CSV, TSV, JSONL keys).
         labels: explicit class order; None means the sorted distinct labels.
@@ -89,6 +106,8 @@ class SpamDataModule(L.LightningDataModule):
             distinct shapes, so oneDNN compiles (and keeps in memory) fewer kernels.
         max_length: the length for padding=fixed.
         context_length: the model's context; longer messages are truncated (with one warning).
+        truncation: which tokens a message longer than its width keeps: head, tail or head_tail
+            (`spamclf.tokenizer.truncate`); prediction cuts the same way.
         bucket: length-bucketed random batches for the training set (with padding=batch).
         num_workers: DataLoader workers (tokenization is done up front, so 0 is usually fastest).
         output_dir: where train.csv, validation.csv and test.csv are written (None: not written).
@@ -105,6 +124,9 @@ class SpamDataModule(L.LightningDataModule):
             book's train/validation/test files row for row; `exact`: every one of the 5,574 lines. A file of
             your own (`path`) and `dedupe=True` are always read exactly, and the natural set always holds
             the exact messages (see docs/book-protocol.md).
+        mail_headers: with a mail folder, these headers (e.g. From) are put first in each text; prediction puts
+            the same ones first.
+        natural_max: the natural set sampled down to at most this many messages (with `seed`); None keeps all.
     """
 
     def __init__(
@@ -136,15 +158,15 @@ class SpamDataModule(L.LightningDataModule):
         natural: bool = True,
         positive_label: str | None = None,
         reader: str = "book",
+        truncation: str = "head",
+        mail_headers: Sequence[str] = (),
+        natural_max: int | None = None,
     ):
         super().__init__()
         eval_batch_size = eval_batch_size or batch_size
         _check_batching(padding, max_length, batch_size, eval_batch_size, pad_to_multiple_of)
-        if reader not in READERS:
-            raise InvalidOption("reader", reader, "one of " + ", ".join(READERS))
-        if len(splits) != 3 or any(f < 0 for f in splits) or sum(splits) > 1 + 1e-9:
-            raise InvalidOption("splits", list(splits),
-                                "three non-negative fractions (train, val, test) summing to at most 1")
+        _check_reading(reader, splits, truncation, natural_max, mail_headers)
+        mail_headers = [str(name) for name in mail_headers]
         splits, labels = tuple(splits), (list(labels) if labels is not None else None)
         self.save_hyperparameters(logger=False)  # every argument, as `self.hparams.<name>`
         self.protocol = "book" if reader == "book" and path is None and not dedupe else "exact"  # what setup reads
@@ -153,6 +175,7 @@ class SpamDataModule(L.LightningDataModule):
         self.label_names: list[str] = []
         self.pad_length: int | None = None
         self.overlap: dict[str, int] = {}
+        self.truncated: dict[str, int] = {}  # per split, the messages cut to the width (data.truncation)
         self.class_shares: dict[str, float] = {}  # each class's share of the file (after dedupe, before balancing)
         self._test_splits: tuple[str, ...] = ("test",)
 
@@ -171,6 +194,11 @@ class SpamDataModule(L.LightningDataModule):
 
     def _read(self, path: Path) -> pd.DataFrame:
         h = self.hparams
+        if is_mail_data(path):
+            return read_mail_data(path, h.mail_headers)
+        if h.mail_headers:
+            raise DataError(f"{path}: data.mail_headers applies to a folder of mail, not a file of labelled texts; "
+                            f"leave data.mail_headers empty")
         return read_labelled_file(path, h.format, h.text_column, h.label_column, h.encoding, h.header)
 
     def read_label_names(self) -> list[str]:
@@ -220,14 +248,25 @@ class SpamDataModule(L.LightningDataModule):
                     f"add data or change data.splits"
                 )
         if h.natural:
-            frames[NATURAL] = (natural_frame(everything, frame, frames) if self.protocol == "exact"
-                               else book_natural_frame(everything, rows, frame, frames))
-            self._log_natural(frames[NATURAL])
+            frames[NATURAL] = self._natural(everything, rows, frame, frames)
         self.frames = frames
         self._log_overlap()
         self._encode()
         if h.output_dir is not None:
             self.write_splits(h.output_dir)
+
+    def _natural(self, everything: pd.DataFrame, rows: pd.DataFrame, used: pd.DataFrame,
+                 frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+        """The natural-rate set (`spamclf.splits`), sampled down to `data.natural_max` messages when given."""
+        h = self.hparams
+        natural = (natural_frame(everything, used, frames) if self.protocol == "exact"
+                   else book_natural_frame(everything, rows, used, frames))
+        if h.natural_max is not None:
+            kept = sample_at_most(natural, h.natural_max, h.seed)
+            info_on_rank_zero("natural set: %d of %d messages (data.natural_max)", len(kept), len(natural))
+            natural = kept
+        self._log_natural(natural)
+        return natural
 
     def _log_natural(self, natural: pd.DataFrame) -> None:
         counts = natural["label"].value_counts()
@@ -245,10 +284,11 @@ class SpamDataModule(L.LightningDataModule):
             names = [str(name) for name in self.hparams.labels]
             unknown = frame[~frame["label"].isin(names)]
             if len(unknown):
-                raise DataError(
-                    f"{path}:{unknown['line'].iloc[0]}: label {unknown['label'].iloc[0]!r} is not in data.labels {names} "
-                    f"({len(unknown)} row(s) like it); add it to data.labels or fix the file"
-                )
+                label = unknown["label"].iloc[0]
+                # a mail folder's labels are its subfolders; a file's, the rows' labels
+                where = f"{path}:{unknown['line'].iloc[0]}" if "line" in unknown else str(path / label)
+                raise DataError(f"{where}: label {label!r} is not in data.labels {names} ({len(unknown)} row(s) like "
+                                f"it); add it to data.labels or fix the {'file' if 'line' in unknown else 'folder'}")
             absent = [name for name in names if name not in found]
             if absent:
                 raise DataError(f"{path}: class(es) {absent} listed in data.labels have no examples; remove them or add rows")
@@ -271,14 +311,17 @@ class SpamDataModule(L.LightningDataModule):
         ids = {split: encode_texts(self.frames[split]["text"].tolist()) for split in self.frames}
         too_long = sum(len(row) > h.context_length for rows in ids.values() for row in rows)
         if too_long:
-            warn_on_rank_zero("%d message(s) longer than the context length %d were truncated", too_long,
-                              h.context_length)
+            warn_on_rank_zero("%d message(s) longer than the context length %d were truncated (data.truncation=%s)",
+                              too_long, h.context_length, h.truncation)
         train_max = max(min(len(row), h.context_length) for row in ids["train"])
         self.pad_length = {"longest_train": train_max, "fixed": h.max_length, "model": h.context_length}.get(h.padding)
         limit = self.pad_length or h.context_length
         for split in self.frames:
-            rows = [row[:limit] for row in ids[split]]
+            rows = [truncate(row, limit, h.truncation) for row in ids[split]]
             self.datasets[split] = EncodedSplit(rows, [label_id[label] for label in self.frames[split]["label"]])
+        self.truncated = {split: sum(len(row) > limit for row in ids[split]) for split in self.frames}
+        info_on_rank_zero("truncation=%s: messages longer than %d tokens cut: %s", h.truncation, limit,
+                          ", ".join(f"{split} {n} of {len(ids[split])}" for split, n in self.truncated.items()))
         info_on_rank_zero("padding=%s: %s", h.padding,
                           f"every batch padded to {self.pad_length} tokens" if self.pad_length else "per batch")
 
@@ -333,7 +376,9 @@ class SpamDataModule(L.LightningDataModule):
         return loaders[0] if len(loaders) == 1 else loaders
 
     def describe(self) -> dict:
-        """What prediction must repeat: label names and the padding rule (saved in checkpoints)."""
+        """What prediction must repeat: label names, the padding rule, how long messages are cut and the mail
+        headers put first in each text (saved in checkpoints)."""
         h = self.hparams
         return {"label_names": self.label_names, "padding": h.padding, "pad_length": self.pad_length,
-                "context_length": h.context_length, "pad_to_multiple_of": h.pad_to_multiple_of}
+                "context_length": h.context_length, "pad_to_multiple_of": h.pad_to_multiple_of,
+                "truncation": h.truncation, "mail_headers": list(h.mail_headers)}

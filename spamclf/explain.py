@@ -24,7 +24,7 @@ import torch
 from spamclf.errors import InvalidOption, SpamclfError
 from spamclf.gpt2 import GPT2
 from spamclf.heads import Readout
-from spamclf.tokenizer import PAD_ID, encode_truncated, gpt2_encoding
+from spamclf.tokenizer import PAD_ID, gpt2_encoding
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +219,11 @@ def word_contributions(model: GPT2, readout: Readout, ids: Sequence[int], positi
 
 def explain(classifier, texts: Sequence[str], method: str = DEFAULT_METHOD, steps: int = IG_STEPS,
             batch_tokens: int = BATCH_TOKENS) -> list[Explanation]:
-    """One Explanation per text for a loaded classifier (its `model`, `readout`, `decision`, `width`,
-    `pad_length`), truncated as its predictions are. Runs in fp32 whatever the classifier's precision."""
+    """One Explanation per text for a loaded classifier (its `model`, `readout`, `decision`, `pad_length` and
+    `encode`), truncated as its predictions are. Runs in fp32 whatever the classifier's precision."""
     check_method(method)
     decision = classifier.decision
-    ids, truncated = encode_truncated([str(t) for t in texts], classifier.width)
+    ids, truncated = classifier.encode(texts)
     out = []
     for row, cut in zip(ids, truncated):
         found = word_contributions(classifier.model, classifier.readout, row, decision.positive, method,

@@ -12,8 +12,9 @@ calibration temperature into the score weights. LoRA adapters are merged into th
 
 onnx: inputs `input_ids` [batch, length] (int64, right-padded with <|endoftext|> = 50256 as the run padded:
 to `pad_length` when the model's metadata gives one, else to any width) and `lengths` [batch] (real tokens per
-row); output `logits` [batch, classes] (temperature applied). The metadata holds the label names, the padding
-rule, the pooling, the decision and the checkpoint it came from; `spamclf.onnx_classifier` runs it without torch.
+row); output `logits` [batch, classes] (temperature applied). The metadata holds the label names, the
+tokenization (padding rule, truncation, mail headers), the pooling, the decision and the checkpoint it came from;
+`spamclf.onnx_classifier` runs it without torch.
 `--quantize int8` stores the linear layers' weights as int8 (dynamic quantization) and compares the int8 graph's
 labels with the checkpoint's on the run's validation split (`validation.csv` beside `checkpoints/`).
 """
@@ -99,16 +100,18 @@ def export_hf(clf: Classifier, out: Path) -> Path:
             architectures=["GPT2ForSequenceClassification"],
         )
         config.spamclf = {"positive_label": clf.decision.positive_label, "threshold": clf.decision.threshold,
-                          "max_length": width}
+                          "max_length": width, "truncation": clf.truncation}
         config.save_pretrained(tmp)
         save_file(hf_state_dict(clf), tmp / "model.safetensors", metadata={"format": "pt"})
         shutil.copy(asset_path("encoder.json"), tmp / "vocab.json")
         shutil.copy(asset_path("vocab.bpe"), tmp / "merges.txt")
         # The BPE files as they are (transformers builds its GPT-2 tokenizer from them), padding with <|endoftext|>.
         special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT, "pad_token": ENDOFTEXT}
+        # transformers cuts one end only: "left" keeps the tail; head_tail has no equivalent and cuts as head does
+        side = "left" if clf.truncation == "tail" else "right"
         (tmp / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "GPT2Tokenizer", "model_max_length": width, "add_prefix_space": False, **special},
-            indent=2))
+            {"tokenizer_class": "GPT2Tokenizer", "model_max_length": width, "add_prefix_space": False,
+             "truncation_side": side, **special}, indent=2))
         (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     return out
 

@@ -3,8 +3,8 @@ alone: onnxruntime, numpy and tiktoken, no torch (`pip install 'spamclf[onnx]'`)
 
 A backend of `spamclf.classifier.TextClassifier`, as the torch `spamclf.inference.Classifier` is: the same
 `predict`, `info` and rules (tokenization, truncation, batches, right padding, the decision); the decision and
-padding rule come from the graph's metadata, and this backend adds only the graph's forward. `spamclf.load(path)`
-picks it for a .onnx.
+the run's tokenization (padding rule, truncation mode, mail headers) come from the graph's metadata, and this
+backend adds only the graph's forward. `spamclf.load(path)` picks it for a .onnx.
 """
 
 from __future__ import annotations

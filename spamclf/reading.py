@@ -1,6 +1,7 @@
 """Labelled text files into a frame of (line, label, text), with one-line errors naming the file, the line and the
 fix: header-less `label<TAB>text` (the SMS Spam Collection), CSV and TSV with or without a header, JSONL; any
-encoding; the official SMS archive downloaded and verified on request."""
+encoding; a folder of mail with a subfolder per class (`spamclf.mail`); the official SMS archive downloaded and
+verified on request."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import os
 import urllib.request
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from spamclf.errors import DataError, InvalidOption
 from spamclf.io import file_sha256, write_bytes
+from spamclf.mail import LAYOUT, is_mail_source, read_mail_folder
+from spamclf.mail import log as mail_log
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ READERS = ("book", "exact")  # how the SMS Spam Collection is read: as the book'
 SMS_FILE = "SMSSpamCollection"
 SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 UCI_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+NOT_MAIL = f"a folder without mail; point data.path at a CSV, TSV or JSONL file, or at a folder with {LAYOUT}"
 
 
 def _decode(path: Path, encoding: str) -> str:
@@ -42,7 +47,7 @@ def _decode(path: Path, encoding: str) -> str:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; fix data.path (or leave it null for the SMS Spam Collection)") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not a file; point data.path at a CSV, TSV or JSONL file") from None
+        raise DataError(f"{path}: {NOT_MAIL}") from None
     if not raw.strip():
         raise DataError(f"{path}: file is empty; it needs one labelled text per line")
     try:
@@ -175,6 +180,28 @@ def read_labelled_file(
     if frame.empty:
         raise DataError(f"{path}: no rows with text; it needs one labelled text per line")
     return frame.reset_index(drop=True)
+
+
+def _from_rank_zero(record: logging.LogRecord) -> bool:
+    return rank_zero_only.rank == 0
+
+
+def is_mail_data(path: str | os.PathLike) -> bool:
+    """Whether `data.path` names mail (a folder, or an .eml or mbox file) rather than a file of labelled texts."""
+    return Path(path).is_dir() or is_mail_source(path)
+
+
+def read_mail_data(path: str | os.PathLike, headers: Sequence[str] = ()) -> pd.DataFrame:
+    """A folder of mail, a subfolder per class, as a frame with columns `text` and `label` (`read_mail_folder`);
+    `headers` are put first in each text. Its warning about skipped messages comes from rank zero only."""
+    path = Path(path)
+    if path.is_dir() and not is_mail_source(path):
+        raise DataError(f"{path}: {NOT_MAIL}")
+    mail_log.addFilter(_from_rank_zero)
+    try:
+        return read_mail_folder(path, headers)
+    finally:
+        mail_log.removeFilter(_from_rank_zero)
 
 
 def read_sms_as_the_book(path: str | os.PathLike) -> pd.DataFrame:

@@ -47,6 +47,13 @@ def natural_frame(everything: pd.DataFrame, used: pd.DataFrame, splits: dict[str
     return natural[~natural["text"].isin(seen)].reset_index(drop=True)
 
 
+def sample_at_most(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    """At most `limit` rows of `frame` drawn with `random_state=seed`, in the frame's order (None: every row)."""
+    if limit is None or len(frame) <= limit:
+        return frame
+    return frame.sample(limit, random_state=seed).sort_index().reset_index(drop=True)
+
+
 def spanned_lines(rows: pd.DataFrame) -> list[int]:
     """Every line of the file the given book rows hold, in row order (a merged row gives all its lines)."""
     return [line + k for line, span in zip(rows["line"], rows["span"]) for k in range(span)]

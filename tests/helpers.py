@@ -1,5 +1,5 @@
 """What several test files share: composing the training config, the tiny run's overrides, running train.py,
-small random GPT-2 checkpoints in the Hugging Face files' exact layouts (no network needed), servers."""
+small random GPT-2 checkpoints in the Hugging Face files' exact layouts (no network needed), servers, mail."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from email.message import EmailMessage
 from pathlib import Path
 
 import torch
@@ -187,3 +188,21 @@ def stop_server(proc) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def message(subject: str | None, body: str | None = None, **headers) -> EmailMessage:
+    """A mail message; `headers` with "_" for "-" (Reply_To)."""
+    msg = EmailMessage()
+    if subject is not None:
+        msg["Subject"] = subject
+    for name, value in headers.items():
+        msg[name.replace("_", "-")] = value
+    if body is not None:
+        msg.set_content(body)
+    return msg
+
+
+def write_eml(path: Path, msg: EmailMessage | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(msg if isinstance(msg, bytes) else msg.as_bytes())
+    return path

@@ -336,3 +336,33 @@ def test_pad_to_multiple_of_rounds_batch_widths_within_the_context():
     assert max(b["input_ids"].shape[1] for b in capped.val_dataloader()) <= 100
     with pytest.raises(InvalidOption, match="pad_to_multiple_of"):
         SpamDataModule(pad_to_multiple_of=0)
+
+
+# -------------------------------------------------------------------------------------------- natural-set cap
+def test_natural_max_samples_the_natural_set_down_with_the_seed(sms_module, caplog):
+    caplog.set_level(logging.INFO)
+    full = sms_module.frames["natural"]
+    capped = SpamDataModule(natural_max=100)
+    capped.setup()
+    natural = capped.frames["natural"]
+    assert len(natural) == 100 and len(full) > 4000
+    assert f"natural set: 100 of {len(full)} messages (data.natural_max)" in caplog.text
+    # a sample of the same set, in its order; the training splits do not change
+    positions = [full.index[full["line"] == line][0] for line in natural["line"]]
+    assert positions == sorted(positions) and natural["text"].tolist() == full["text"].iloc[positions].tolist()
+    assert capped.frames["train"].equals(sms_module.frames["train"])
+    again = SpamDataModule(natural_max=100)
+    again.setup()
+    assert again.frames["natural"].equals(natural)
+    other = SpamDataModule(natural_max=100, seed=7)
+    other.setup()
+    assert set(other.frames["natural"]["line"]) != set(natural["line"])
+
+
+def test_natural_max_above_the_set_keeps_it_whole_and_must_be_positive(sms_module):
+    whole = SpamDataModule(natural_max=10**6)
+    whole.setup()
+    assert whole.frames["natural"].equals(sms_module.frames["natural"])
+    for bad in (0, -5, 2.5):
+        with pytest.raises(InvalidOption, match=r"^natural_max=.* is not valid; choose a positive number"):
+            SpamDataModule(natural_max=bad)

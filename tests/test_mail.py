@@ -9,10 +9,12 @@ import tracemalloc
 from email.message import EmailMessage
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from spamclf.errors import SpamclfError
 from spamclf.mail import html_to_text, is_mail_source, iter_mail, read_mail_folder
+from tests.helpers import message, write_eml
 
 PRIZE_HTML = """<html><head><title>Prize</title><style>p {color: red}</style>
 <script>track("x"); document.write("hidden")</script></head>
@@ -21,23 +23,6 @@ PRIZE_HTML = """<html><head><title>Prize</title><style>p {color: red}</style>
 <table><tr><td>No fees</td><td>No catch</td></tr></table><ul><li>Fast</li><li>Free</li></ul></body></html>"""
 PRIZE_TEXT = ("Congratulations, José!\nYou've won £1,000 & a free cruise.\nClick here — today only.\nNo fees No catch\n"
               "Fast\nFree")
-
-
-def message(subject: str | None, body: str | None = None, **headers) -> EmailMessage:
-    msg = EmailMessage()
-    if subject is not None:
-        msg["Subject"] = subject
-    for name, value in headers.items():
-        msg[name.replace("_", "-")] = value
-    if body is not None:
-        msg.set_content(body)
-    return msg
-
-
-def write_eml(path: Path, msg: EmailMessage | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(msg if isinstance(msg, bytes) else msg.as_bytes())
-    return path
 
 
 def write_mbox(path: Path, messages: list[EmailMessage]) -> Path:
@@ -298,3 +283,75 @@ def test_large_mbox_is_streamed_one_message_at_a_time(tmp_path):
     assert count == 200 and size > 12_000_000
     # About 1 MB at the peak: one message in its forms (bytes, text, lines) and parsed headers awaiting collection.
     assert peak < size / 8, f"{peak} bytes allocated at the peak reading a {size}-byte mbox"
+
+
+# -------------------------------------------------------------------------------------------- training on mail
+def mail_classes(root: Path) -> Path:
+    """spam/ with .eml files and an mbox, ham/ with .eml files and one unreadable file: 6 spam, 6 ham."""
+    for i in range(4):
+        write_eml(root / "spam" / f"s{i}.eml", message(f"WIN prize {i}", "Claim your cash now!", From=f"s{i}@x.test"))
+        write_eml(root / "ham" / f"h{i}.eml", message(f"Notes {i}", "See you at the meeting.", From=f"h{i}@y.test"))
+    write_mbox(root / "spam" / "archive", [message("Free cruise", "Reply YES", From="z@x.test"),
+                                           message("Cheap pills", "Order today", From="p@x.test")])
+    write_eml(root / "ham" / "old" / "a.eml", message("Lunch?", "At noon", From="a@y.test"))
+    write_eml(root / "ham" / "old" / "b.eml", message("Re: Lunch?", "Sure", From="b@y.test"))
+    write_eml(root / "ham" / "broken.eml", b"\x00\x01 not mail at all")
+    return root
+
+
+def test_a_mail_folder_trains_with_the_chosen_headers_first(tmp_path):
+    from hydra.utils import instantiate
+
+    from tests.helpers import compose_cfg
+
+    root = mail_classes(tmp_path / "mail")
+    cfg = compose_cfg(["data=mail", f"data.path={root}", "data.mail_headers=[From]", "data.splits=[0.5,0.25,0.25]"],
+                      tmp_path / "run")
+    assert cfg.data.balance is False and cfg.data.truncation == "head"
+    dm = instantiate(cfg.data)
+    dm.setup()
+    rows = pd.concat([dm.frames[split] for split in ("train", "val", "test")])
+    assert dm.label_names == ["ham", "spam"] and sorted(rows["label"]) == ["ham"] * 6 + ["spam"] * 6
+    assert sorted(rows["text"]) == sorted(text for _, text in iter_mail(root, ("From",)))
+    assert "From: z@x.test\nFree cruise\n\nReply YES" in set(rows["text"])
+    described = dm.describe()
+    assert described["mail_headers"] == ["From"] and described["truncation"] == "head"
+    assert (tmp_path / "run" / "train.csv").is_file()
+
+
+def test_skipped_messages_are_reported_by_rank_zero_only(tmp_path, caplog, monkeypatch):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from spamclf.reading import read_mail_data
+
+    root = mail_classes(tmp_path / "mail")
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert len(read_mail_data(root)) == 12
+    assert not [r for r in caplog.records if "skipped" in r.getMessage()]
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    read_mail_data(root)
+    assert [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()] == [
+        f"{root}: 1 message skipped (unreadable or empty): ham/broken.eml"]
+
+
+def test_mail_data_mistakes_are_one_line_errors(tmp_path):
+    from spamclf.datamodule import SpamDataModule
+
+    root = mail_classes(tmp_path / "mail")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("no mail here")
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,label\na,ham\nb,spam\n")
+    cases = [
+        (SpamDataModule(path=str(tmp_path / "plain")), "a folder without mail; point data.path at a CSV"),
+        (SpamDataModule(path=str(root / "spam" / "s0.eml")), "is a file, not a folder; give a folder with one"),
+        (SpamDataModule(path=str(root / "spam")), "no class subfolders"),
+        (SpamDataModule(path=str(csv), mail_headers=["From"]), "data.mail_headers applies to a folder of mail"),
+        (SpamDataModule(path=str(root), labels=["spam", "other"]), f"{root / 'ham'}: label 'ham' is not in data.labels"),
+    ]
+    for module, expected in cases:
+        error = one_line_error(module.setup)
+        assert expected in error, error
+    with pytest.raises(SpamclfError, match="mail_headers="):
+        SpamDataModule(path=str(root), mail_headers="From")

@@ -1,7 +1,10 @@
 """How a message longer than the width is cut: head, tail or head_tail, the same rule everywhere."""
 
+import logging
+
 import pytest
 
+from spamclf.errors import InvalidOption
 from spamclf.tokenizer import TRUNCATION, encode_texts, encode_truncated, truncate
 
 
@@ -24,3 +27,26 @@ def test_encoded_texts_are_cut_and_marked():
     ids, cut = encode_truncated([long_text, "hi"], 10, "tail")
     assert ids[0] == full[-10:] and ids[1] == encode_texts(["hi"])[0]
     assert cut == [True, False]
+
+
+@pytest.mark.parametrize("mode", TRUNCATION)
+def test_training_rows_are_cut_by_the_mode_and_counted_per_split(mode, caplog):
+    from spamclf.datamodule import SpamDataModule
+
+    caplog.set_level(logging.INFO)
+    dm = SpamDataModule(padding="fixed", max_length=16, truncation=mode, natural=False)
+    dm.setup()
+    for split, frame in dm.frames.items():
+        full = encode_texts(frame["text"].tolist())
+        assert dm.datasets[split].ids == [truncate(row, 16, mode) for row in full]
+        assert dm.truncated[split] == sum(len(row) > 16 for row in full) > 0
+    counts = ", ".join(f"{split} {n} of {len(dm.frames[split])}" for split, n in dm.truncated.items())
+    assert f"truncation={mode}: messages longer than 16 tokens cut: {counts}" in caplog.text
+    assert dm.describe()["truncation"] == mode
+
+
+def test_an_unknown_mode_is_a_one_line_error():
+    from spamclf.datamodule import SpamDataModule
+
+    with pytest.raises(InvalidOption, match=r"^truncation='middle' is not valid; choose one of head, tail, head_tail$"):
+        SpamDataModule(truncation="middle")
