@@ -100,8 +100,8 @@ class Decoded(NamedTuple):
     method: str | None  # how to explain them, where the request asks for explanations; None: the default
 
 
-class SpamClassifierAPI(ls.LitAPI):
-    """LitServe's view of a model: decode → batch → the classifier's `predict` → unbatch → encode. `model` and
+class ModelAPI(ls.LitAPI):
+    """What both workers share: the model they load, who may call them, requests in and answers out. `model` and
     `options`: what `spamclf.load` gets (a .ckpt or .onnx path; device, precision, threads); `key_check`: who may
     call it (LitServe's `authorize` hook; by default everyone)."""
 
@@ -123,6 +123,14 @@ class SpamClassifierAPI(ls.LitAPI):
         texts, many = ([request.text], False) if request.text is not None else (list(request.texts), True)
         return Decoded(texts, many, request.method)
 
+    def encode_response(self, output) -> dict:
+        results, many = output
+        return {"predictions": results} if many else results[0]
+
+
+class SpamClassifierAPI(ModelAPI):
+    """LitServe's view of a model: decode → batch → the classifier's `predict` → unbatch → encode."""
+
     def batch(self, inputs):
         return inputs
 
@@ -135,12 +143,8 @@ class SpamClassifierAPI(ls.LitAPI):
     def unbatch(self, output):
         return output
 
-    def encode_response(self, output) -> dict:
-        results, many = output
-        return {"predictions": results} if many else results[0]
 
-
-class ExplainingAPI(SpamClassifierAPI):
+class ExplainingAPI(ModelAPI):
     """The worker behind EXPLAIN_PATH: one request at a time, each text's prediction with its explanation."""
 
     def __init__(self, *args, **kwargs):
@@ -160,6 +164,16 @@ class ExplainingAPI(SpamClassifierAPI):
         for row, explanation in zip(rows, explain(self.model, request.texts, method=request.method or DEFAULT_METHOD)):
             row["explanation"] = explanation.as_dict()
         return rows, request.many
+
+
+class Server(ls.LitServer):
+    """A LitServer whose own routes (/info; / and /health, which `KeyCheck` leaves open) ask the classifying API's
+    `authorize` when it serves an explaining one too. LitServe 0.2.19's `LitServer.setup_auth()` looks for
+    `authorize` on `self.lit_api`, which is then the list of APIs, and finds none: /info would answer without the
+    key. tests/test_serve_ops.py's 401 test of /info fails if a LitServe release changes this."""
+
+    def setup_auth(self, lit_api: ls.LitAPI | None = None):
+        return super().setup_auth(lit_api or (self.lit_api[0] if isinstance(self.lit_api, list) else None))
 
 
 def build_server(model: str, options: dict | None = None, max_batch_size: int = MAX_BATCH_SIZE,
@@ -188,9 +202,9 @@ def build_server(model: str, options: dict | None = None, max_batch_size: int = 
     # /predict, where they were asked for. /docs and /openapi.json cannot ask for a key, so a server with one goes
     # without them.
     middlewares.append(metrics_middleware(("/", PREDICT_PATH, "/info", "/health")))
-    server = ls.LitServer(apis, accelerator=accelerator, devices=1, workers_per_device=1, timeout=timeout,
-                          model_metadata=info, max_payload_size=max_body_bytes, disable_openapi_url=key_check.required,
-                          middlewares=middlewares)
+    server = Server(apis, accelerator=accelerator, devices=1, workers_per_device=1, timeout=timeout,
+                    model_metadata=info, max_payload_size=max_body_bytes, disable_openapi_url=key_check.required,
+                    middlewares=middlewares)
     labels = {"sha256": info.get("sha256", "unknown"), "format": model_format}
     server.app.add_api_route(METRICS_PATH, scrape(labels), methods=["GET"], include_in_schema=False,
                              dependencies=[Depends(key_check)])

@@ -119,6 +119,7 @@ def test_without_explain_no_explanation(server, extra):
 
 @pytest.mark.parametrize("body, needle", [
     ({"texts": ["a"] * (MAX_EXPLAIN_TEXTS + 1), "explain": True}, f"at most {MAX_EXPLAIN_TEXTS} texts"),
+    ({"texts": ["a"] * 5, "explain": True}, "more than the server takes"),  # --max-texts 4 holds too
     ({"text": "a", "method": "ig"}, 'add \\"explain\\": true'),
     ({"text": "a", "explain": True, "method": "shap"}, "occlusion"),
     ({"text": "a", "explain": "yes"}, "boolean"),
@@ -136,7 +137,7 @@ def test_an_explanation_does_not_hold_back_requests_that_did_not_ask_for_one(ser
     """Explanations run in a worker of their own: plain requests sent while a slow one is computed are answered
     before it is (in one worker they would wait for it, batched with it or queued behind it)."""
     base = server[0]
-    slow = {"texts": ["win a free prize now " * 40] * MAX_EXPLAIN_TEXTS, "explain": True}  # seconds of work
+    slow = {"texts": ["win a free prize now " * 40] * 4, "explain": True}  # --max-texts 4: seconds of work
 
     def answered_at(body):
         return http_request(base + "/predict", body, timeout=300), time.monotonic()
