@@ -18,6 +18,10 @@ carries it as `X-API-Key: KEY` or `Authorization: Bearer KEY` (`spamclf.api_key`
 Requests are checked before they reach the model (FastAPI + pydantic): a body that is not JSON, without
 "text"/"texts", with a non-string, an empty list or more than --max-texts texts is a 422 naming the
 problem; a body over --max-body-bytes is a 413. The server goes on serving.
+
+`"explain": true` (at most MAX_EXPLAIN_TEXTS texts; `"method"`: "occlusion" or "ig") adds each word's contribution
+(`spamclf.explain`) under "explanation". A worker of its own computes them (`spamclf.explain_route`), so requests
+without it are not held back; a server of an ONNX graph has no network to explain and answers 400.
 """
 
 # No `from __future__ import annotations`: LitServe reads `decode_request`'s annotation as an object (the
@@ -27,16 +31,17 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal, NamedTuple
 
 import litserve as ls
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import spamclf
 from spamclf.api_key import KEY_ENV, KEY_FLAG, KeyCheck, exposure_warning, read_api_key
 from spamclf.classifier import release_freed_memory
 from spamclf.errors import SpamclfError
+from spamclf.explain_route import EXPLAIN_PATH, PREDICT_PATH, explain_route_middleware
 from spamclf.metrics import METRICS_PATH, metrics_folder, metrics_middleware, record_batch, scrape
 from spamclf.page import page_middleware
 from spamclf.predict import add_model_flags, model_source
@@ -46,6 +51,10 @@ from spamclf.predict import add_model_flags, model_source
 # is classified while the next gathers); a 5 ms wait served a lone client 33-34 req/s against 25-27 with 10 ms.
 MAX_BATCH_SIZE = 16
 BATCH_TIMEOUT = 0.005
+# An explanation costs a forward pass per word: a few texts keep one request's answer within seconds.
+MAX_EXPLAIN_TEXTS = 8
+ONNX_REFUSAL = ('"explain" needs the torch network: this server runs an ONNX graph, which cannot be explained; '
+                "serve the checkpoint with --ckpt")
 
 
 class PredictRequest(BaseModel):
@@ -54,22 +63,45 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     # Set by `build_server` before the server starts; LitServe forks its API servers, which keep it.
     max_texts: ClassVar[int] = 256
+    explainable: ClassVar[bool] = True  # False on a server of an ONNX graph
     text: str | None = Field(default=None, description="a message to classify")
     texts: list[str] | None = Field(default=None, min_length=1, description="messages to classify, answered in order")
+    explain: bool = Field(default=False, description="add each word's contribution under \"explanation\"")
+    method: Literal["occlusion", "ig"] | None = Field(default=None, description='with "explain": occlusion (the '
+                                                      "default) or ig (integrated gradients)")
 
     @model_validator(mode="after")
     def one_of_text_or_texts(self):
         if (self.text is None) == (self.texts is None):
             raise ValueError('give exactly one of "text" (a string) or "texts" (a non-empty list of strings)')
+        count = 1 if self.texts is None else len(self.texts)
+        if self.explain:
+            self.check_explainable(count)
+        elif self.method is not None:
+            raise ValueError('"method" chooses how to explain: add "explain": true or drop "method"')
         limit = type(self).max_texts
-        if self.texts is not None and len(self.texts) > limit:
-            raise ValueError(f'"texts" holds {len(self.texts)} texts, more than the server takes in one request '
+        if count > limit:
+            raise ValueError(f'"texts" holds {count} texts, more than the server takes in one request '
                              f"({limit}); send several requests")
         return self
 
+    def check_explainable(self, count: int) -> None:
+        if not type(self).explainable:
+            # Not a ValueError: pydantic would make it a 422; FastAPI answers an HTTPException as it is.
+            raise HTTPException(400, ONNX_REFUSAL)
+        if count > MAX_EXPLAIN_TEXTS:
+            raise ValueError(f'"explain" takes at most {MAX_EXPLAIN_TEXTS} texts in one request, and "texts" holds '
+                             f"{count}; send several requests")
 
-class SpamClassifierAPI(ls.LitAPI):
-    """LitServe's view of a model: decode → batch → the classifier's `predict` → unbatch → encode. `model` and
+
+class Decoded(NamedTuple):
+    texts: list[str]
+    many: bool  # "texts" (answered as {"predictions": [...]}) rather than "text"
+    method: str | None  # how to explain them, where the request asks for explanations; None: the default
+
+
+class ModelAPI(ls.LitAPI):
+    """What both workers share: the model they load, who may call them, requests in and answers out. `model` and
     `options`: what `spamclf.load` gets (a .ckpt or .onnx path; device, precision, threads); `key_check`: who may
     call it (LitServe's `authorize` hook; by default everyone)."""
 
@@ -87,24 +119,61 @@ class SpamClassifierAPI(ls.LitAPI):
         self.model = spamclf.load(self.model_path, **self.options)
         self.model.predict(["warm-up"])  # kernels built off the clock
 
-    def decode_request(self, request: PredictRequest) -> tuple[list[str], bool]:
-        return ([request.text], False) if request.text is not None else (list(request.texts), True)
+    def decode_request(self, request: PredictRequest) -> Decoded:
+        texts, many = ([request.text], False) if request.text is not None else (list(request.texts), True)
+        return Decoded(texts, many, request.method)
+
+    def encode_response(self, output) -> dict:
+        results, many = output
+        return {"predictions": results} if many else results[0]
+
+
+class SpamClassifierAPI(ModelAPI):
+    """LitServe's view of a model: decode → batch → the classifier's `predict` → unbatch → encode."""
 
     def batch(self, inputs):
         return inputs
 
     def predict(self, inputs):
-        texts = [t for batch_texts, _ in inputs for t in batch_texts]
+        texts = [t for request in inputs for t in request.texts]
         record_batch(len(texts))
         results = iter(p.as_dict() for p in self.model.predict(texts, batch_tokens=self.batch_tokens))
-        return [([next(results) for _ in batch_texts], many) for batch_texts, many in inputs]
+        return [([next(results) for _ in request.texts], request.many) for request in inputs]
 
     def unbatch(self, output):
         return output
 
-    def encode_response(self, output) -> dict:
-        results, many = output
-        return {"predictions": results} if many else results[0]
+
+class ExplainingAPI(ModelAPI):
+    """The worker behind EXPLAIN_PATH: one request at a time, each text's prediction with its explanation."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, api_path=EXPLAIN_PATH, max_batch_size=1, **kwargs)
+
+    def setup(self, device):
+        super().setup(device)
+        from spamclf.explain import explain
+
+        explain(self.model, ["warm-up"])
+
+    def predict(self, request: Decoded):
+        from spamclf.explain import DEFAULT_METHOD, explain
+
+        record_batch(len(request.texts))
+        rows = [p.as_dict() for p in self.model.predict(request.texts, batch_tokens=self.batch_tokens)]
+        for row, explanation in zip(rows, explain(self.model, request.texts, method=request.method or DEFAULT_METHOD)):
+            row["explanation"] = explanation.as_dict()
+        return rows, request.many
+
+
+class Server(ls.LitServer):
+    """A LitServer whose own routes (/info; / and /health, which `KeyCheck` leaves open) ask the classifying API's
+    `authorize` when it serves an explaining one too. LitServe 0.2.19's `LitServer.setup_auth()` looks for
+    `authorize` on `self.lit_api`, which is then the list of APIs, and finds none: /info would answer without the
+    key. tests/test_serve_ops.py's 401 test of /info fails if a LitServe release changes this."""
+
+    def setup_auth(self, lit_api: ls.LitAPI | None = None):
+        return super().setup_auth(lit_api or (self.lit_api[0] if isinstance(self.lit_api, list) else None))
 
 
 def build_server(model: str, options: dict | None = None, max_batch_size: int = MAX_BATCH_SIZE,
@@ -118,20 +187,27 @@ def build_server(model: str, options: dict | None = None, max_batch_size: int = 
     info = {**classifier.info(), "limits": {"max_texts": max_texts, "max_body_bytes": max_body_bytes}}
     del classifier
     release_freed_memory()  # this process (and the API servers LitServe forks from it) no longer holds the model
-    PredictRequest.max_texts = max_texts
+    model_format = Path(model).suffix.lower().lstrip(".")
+    PredictRequest.max_texts, PredictRequest.explainable = max_texts, model_format == "ckpt"
     key_check = KeyCheck(api_key)
-    api = SpamClassifierAPI(model, options, batch_tokens, key_check, max_batch_size=max_batch_size,
-                            batch_timeout=batch_timeout)
+    apis = [SpamClassifierAPI(model, options, batch_tokens, key_check, max_batch_size=max_batch_size,
+                              batch_timeout=batch_timeout)]
+    middlewares = [page_middleware()]
+    if PredictRequest.explainable:  # a second worker, with its own copy of the model, for explanations
+        apis.append(ExplainingAPI(model, options, batch_tokens, key_check))
+        middlewares.append(explain_route_middleware())
     device = options.get("device") or "cpu"
     accelerator = "cuda" if device.startswith("cuda") else device
-    # The metrics middleware (listed last: the outer one) counts the page's requests too. /docs and /openapi.json
-    # cannot ask for a key, so a server with one goes without them.
-    server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=timeout,
-                          model_metadata=info, max_payload_size=max_body_bytes, disable_openapi_url=key_check.required,
-                          middlewares=[page_middleware(), metrics_middleware(("/", "/predict", "/info", "/health"))])
-    labels = {"sha256": info.get("sha256", "unknown"), "format": Path(model).suffix.lstrip(".")}
+    # The metrics middleware (listed last: the outer one) counts the page's requests too, and explanations under
+    # /predict, where they were asked for. /docs and /openapi.json cannot ask for a key, so a server with one goes
+    # without them.
+    middlewares.append(metrics_middleware(("/", PREDICT_PATH, "/info", "/health")))
+    server = Server(apis, accelerator=accelerator, devices=1, workers_per_device=1, timeout=timeout,
+                    model_metadata=info, max_payload_size=max_body_bytes, disable_openapi_url=key_check.required,
+                    middlewares=middlewares)
+    labels = {"sha256": info.get("sha256", "unknown"), "format": model_format}
     server.app.add_api_route(METRICS_PATH, scrape(labels), methods=["GET"], include_in_schema=False,
-                             dependencies=[Depends(api.authorize)])
+                             dependencies=[Depends(key_check)])
     return server
 
 

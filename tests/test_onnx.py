@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from spamclf.inference import Classifier
+from spamclf.serve import ONNX_REFUSAL
 from tests.helpers import http_request, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +112,7 @@ def test_serve_onnx_answers_predict_and_info_without_torch(exported, texts, refe
         assert (status == 200 and info["model"]["precision"]["used"] == "int8"
                 and info["model"]["label_names"] == ["ham", "spam"])
         assert info["model"]["limits"]["max_texts"] == 8
+        assert http_request(base + "/predict", {"text": "hi", "explain": True}) == (400, {"detail": ONNX_REFUSAL})
         processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         assert len(processes) >= 2  # the API server and its inference worker
         for p in processes:

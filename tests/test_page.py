@@ -231,3 +231,45 @@ def test_a_server_with_a_key_is_asked_for_it_once_per_tab_and_again_when_it_is_r
         tab.wait_for_function("document.querySelector('#key-note').textContent.includes('did not accept')")
     finally:
         context.close()
+
+
+def _shown_words(page) -> list[dict]:
+    return page.eval_on_selector_all("#one-words span", """spans => spans.map(s => ({
+        text: s.textContent, contribution: Number(s.dataset.contribution), title: s.title,
+        alpha: Number((getComputedStyle(s).backgroundColor.match(/[\\d.]+/g) || [])[3] ?? 1)}))""")
+
+
+def test_explain_shades_each_word_by_its_contribution(page, server):
+    page.focus("#one-explain")
+    page.keyboard.press("Space")  # the checkbox works from the keyboard
+    assert page.is_checked("#one-explain")
+    page.fill("#one-text", SPAM)
+    page.press("#one-text", "Enter")
+    page.wait_for_selector("#one-explanation:not([hidden])")
+    words = _shown_words(page)
+    assert "".join(w["text"] for w in words) == SPAM
+    status, answer = http_request(server[0] + "/predict", {"text": SPAM, "explain": True})
+    assert status == 200
+    assert [w["text"] for w in words] == [word for word, _ in answer["explanation"]["words"]]
+    assert [w["contribution"] for w in words] == pytest.approx([c for _, c in answer["explanation"]["words"]])
+    top = max(words, key=lambda w: abs(w["contribution"]))
+    assert top["alpha"] == pytest.approx(1, abs=0.01) and max(w["alpha"] for w in words) == top["alpha"]
+    for w in words:  # the shade's strength is the word's share of the largest
+        assert w["alpha"] == pytest.approx(abs(w["contribution"]) / abs(top["contribution"]), abs=0.01)
+        assert f"{abs(w['contribution']):.3f}" in w["title"]
+    assert "Most towards spam" in page.inner_text("#one-strongest")
+    page.uncheck("#one-explain")
+    page.press("#one-text", "Enter")
+    page.wait_for_selector("#one-explanation", state="hidden")
+
+
+def test_an_html_looking_message_is_shown_as_text(page):
+    message = '<b>bold</b> <img src=x onerror="document.body.dataset.hacked=1"> &amp; </p>\n  tabs\there'
+    page.check("#one-explain")
+    page.fill("#one-text", message)
+    page.click("#one-submit")
+    page.wait_for_selector("#one-explanation:not([hidden])")
+    assert "".join(w["text"] for w in _shown_words(page)) == message
+    assert page.eval_on_selector("#one-words", "el => el.querySelectorAll('b, img').length") == 0
+    assert page.eval_on_selector("#one-words", "el => el.textContent") == message
+    assert page.evaluate("document.body.dataset.hacked") is None

@@ -14,7 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from spamclf.explain import METHODS, explain
 from spamclf.inference import Classifier
+from spamclf.serve import MAX_EXPLAIN_TEXTS, PredictRequest
 from tests.helpers import http_request, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +86,70 @@ def test_bad_requests_get_a_4xx_that_names_the_problem_and_the_server_goes_on(se
     assert needle in json.dumps(answer)
     assert "Traceback" not in json.dumps(answer)
     assert http_request(base + "/predict", {"text": "still there?"})[0] == 200
+
+
+def test_explain_adds_each_texts_words_and_their_contributions(server, reference):
+    base, ckpt, _ = server
+    model = Classifier.load(ckpt, precision="fp32")
+    status, answer = http_request(base + "/predict", {"text": MESSAGES[0], "explain": True})
+    assert status == 200
+    _same(answer, reference[MESSAGES[0]])
+    [expected] = explain(model, [MESSAGES[0]])
+    explanation = answer["explanation"]
+    assert explanation["method"] == "occlusion" and explanation["positive_label"] == "spam"
+    assert "".join(word for word, _ in explanation["words"]) == MESSAGES[0]
+    assert [word for word, _ in explanation["words"]] == [word for word, _ in expected.words]
+    assert [c for _, c in explanation["words"]] == pytest.approx([c for _, c in expected.words], abs=1e-4)
+    texts = MESSAGES[:4]
+    status, answer = http_request(base + "/predict", {"texts": texts, "explain": True, "method": "ig"})
+    assert status == 200 and [a["text"] for a in answer["predictions"]] == texts
+    for a in answer["predictions"]:
+        _same(a, reference[a["text"]])
+        assert a["explanation"]["method"] == "ig" and a["explanation"]["text"] == a["text"]
+        assert "".join(word for word, _ in a["explanation"]["words"]) == a["text"]
+        gap = a["explanation"]["margin"] - a["explanation"]["baseline"]
+        assert a["explanation"]["total"] == pytest.approx(gap, rel=0.02, abs=1e-3)  # ig adds up
+
+
+@pytest.mark.parametrize("extra", [{}, {"explain": False}])
+def test_without_explain_no_explanation(server, extra):
+    status, answer = http_request(server[0] + "/predict", {"texts": MESSAGES[:2], **extra})
+    assert status == 200 and all("explanation" not in a for a in answer["predictions"])
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"texts": ["a"] * (MAX_EXPLAIN_TEXTS + 1), "explain": True}, f"at most {MAX_EXPLAIN_TEXTS} texts"),
+    ({"texts": ["a"] * 5, "explain": True}, "more than the server takes"),  # --max-texts 4 holds too
+    ({"text": "a", "method": "ig"}, 'add \\"explain\\": true'),
+    ({"text": "a", "explain": True, "method": "shap"}, "occlusion"),
+    ({"text": "a", "explain": "yes"}, "boolean"),
+])
+def test_bad_explain_requests_are_a_422_naming_the_problem(server, body, needle):
+    status, answer = http_request(server[0] + "/predict", body)
+    assert status == 422 and needle in json.dumps(answer)
+
+
+def test_the_servers_methods_are_those_explain_has():
+    assert set(PredictRequest.model_fields["method"].annotation.__args__[0].__args__) == set(METHODS)
+
+
+def test_an_explanation_does_not_hold_back_requests_that_did_not_ask_for_one(server):
+    """Explanations run in a worker of their own: plain requests sent while a slow one is computed are answered
+    before it is (in one worker they would wait for it, batched with it or queued behind it)."""
+    base = server[0]
+    slow = {"texts": ["win a free prize now " * 40] * 4, "explain": True}  # --max-texts 4: seconds of work
+
+    def answered_at(body):
+        return http_request(base + "/predict", body, timeout=300), time.monotonic()
+
+    with ThreadPoolExecutor(1) as pool:
+        explaining = pool.submit(answered_at, slow)
+        time.sleep(0.5)  # the explanation is under way
+        plain = [answered_at({"text": text}) for text in MESSAGES]
+        (status, answer), explained_at = explaining.result()
+    assert status == 200 and all(a["explanation"]["truncated"] for a in answer["predictions"])
+    assert all(code == 200 for (code, _), _ in plain)
+    assert max(at for _, at in plain) < explained_at
 
 
 def test_health_and_info(server):
