@@ -63,7 +63,8 @@ def _check_reading(reader: str, splits: Sequence[float], truncation: str, natura
     if reader not in READERS:
         raise InvalidOption("reader", reader, "one of " + ", ".join(READERS))
     if len(splits) != 3 or any(f < 0 for f in splits) or sum(splits) > 1 + 1e-9:
-        raise InvalidOption("splits", list(splits), "three non-negative fractions (train, val, test) summing to at most 1")
+        raise InvalidOption("splits", list(splits),
+                            "three non-negative fractions (train, val, test) summing to at most 1")
     if truncation not in TRUNCATION:
         raise InvalidOption("truncation", truncation, "one of " + ", ".join(TRUNCATION))
     if natural_max is not None and not (isinstance(natural_max, int) and natural_max > 0):
@@ -291,7 +292,8 @@ class SpamDataModule(L.LightningDataModule):
                                 f"it); add it to data.labels or fix the {'file' if 'line' in unknown else 'folder'}")
             absent = [name for name in names if name not in found]
             if absent:
-                raise DataError(f"{path}: class(es) {absent} listed in data.labels have no examples; remove them or add rows")
+                raise DataError(f"{path}: class(es) {absent} listed in data.labels have no examples; "
+                                f"remove them or add rows")
         if len(names) < 2:
             raise DataError(f"{path}: found only the label(s) {names}; a classifier needs at least two classes")
         return names

@@ -58,7 +58,8 @@ def _resolve_ckpt(ckpt_path: str | None, output_dir: Path) -> str | None:
         return None
     if ckpt_path == "last":
         if not last.is_file():
-            raise CheckpointError(f"{last}: no last checkpoint to resume from; set hydra.run.dir to the interrupted run's folder")
+            raise CheckpointError(f"{last}: no last checkpoint to resume from; "
+                                  f"set hydra.run.dir to the interrupted run's folder")
         return str(last)
     if not Path(ckpt_path).is_file():
         raise CheckpointError(f"{ckpt_path}: checkpoint not found; fix ckpt_path")

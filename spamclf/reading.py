@@ -45,7 +45,8 @@ def _decode(path: Path, encoding: str) -> str:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found; fix data.path (or leave it null for the SMS Spam Collection)") from None
+        raise DataError(f"{path}: file not found; fix data.path "
+                        f"(or leave it null for the SMS Spam Collection)") from None
     except IsADirectoryError:
         raise DataError(f"{path}: {NOT_MAIL}") from None
     if not raw.strip():
@@ -96,8 +97,8 @@ def _rows_from_table(path: Path, text: str, sep: str, text_column, label_column,
     if not header:
         text_column, label_column = _position(text_column, 1, "text_column"), _position(label_column, 0, "label_column")
         if max(text_column, label_column) >= frame.shape[1]:
-            raise DataError(f"{path}:1: {frame.shape[1]} column(s), no column {max(text_column, label_column)} (counting "
-                            f"from 0); set data.label_column / data.text_column to column positions")
+            raise DataError(f"{path}:1: {frame.shape[1]} column(s), no column {max(text_column, label_column)} "
+                            f"(counting from 0); set data.label_column / data.text_column to column positions")
     _require_columns(path, list(frame.columns), text_column, label_column)
     # Line numbers are right for files without multi-line quoted fields (a header is line 1).
     first = 2 if header else 1
@@ -128,7 +129,8 @@ def _rows_from_jsonl(path: Path, text: str, text_column: str, label_column: str)
             raise DataError(f"{path}:{lineno}: expected a JSON object with '{text_column}' and '{label_column}'")
         _require_columns(path, list(obj), text_column, label_column, lineno)
         body = obj[text_column]
-        rows.append((lineno, "" if obj[label_column] is None else str(obj[label_column]), "" if body is None else str(body)))
+        rows.append((lineno, "" if obj[label_column] is None else str(obj[label_column]),
+                     "" if body is None else str(body)))
     return rows
 
 
@@ -137,8 +139,8 @@ def _require_columns(path, found, text_column, label_column, lineno=None):
     if missing:
         where = f"{path}:{lineno}" if lineno else str(path)
         raise DataError(
-            f"{where}: missing column(s) {', '.join(map(repr, missing))} (found {', '.join(map(repr, map(str, found)))}); "
-            f"set data.text_column / data.label_column"
+            f"{where}: missing column(s) {', '.join(map(repr, missing))} "
+            f"(found {', '.join(map(repr, map(str, found)))}); set data.text_column / data.label_column"
         )
 
 
@@ -167,7 +169,8 @@ def read_labelled_file(
     else:
         first = text.split("\n", 1)[0].rstrip("\r").split("\t")
         has_header = header and fmt == "tsv" and text_column in first and label_column in first
-        rows = _rows_from_table(path, text, "\t", text_column, label_column) if has_header else _rows_from_headerless(path, text)
+        rows = (_rows_from_table(path, text, "\t", text_column, label_column) if has_header
+                else _rows_from_headerless(path, text))
     frame = pd.DataFrame(rows, columns=["line", "label", "text"])
     frame["label"] = frame["label"].astype(str).str.strip()
     unlabelled = frame[frame["label"] == ""]
@@ -218,7 +221,8 @@ def read_sms_as_the_book(path: str | os.PathLike) -> pd.DataFrame:
             cursor += 1
         span = str(text).count("\n") + 1  # a quoted field that runs over line ends keeps them
         if cursor >= len(lines) or lines[cursor].partition("\t")[0] != label or not isinstance(text, str):
-            raise DataError(f"{path}:{cursor + 1}: cannot line up the book's reading with the file; use data.reader=exact")
+            raise DataError(f"{path}:{cursor + 1}: cannot line up the book's reading with the file; "
+                            f"use data.reader=exact")
         rows.append((cursor + 1, label, text, span))
         cursor += span
     return pd.DataFrame(rows, columns=["line", "label", "text", "span"])
@@ -235,7 +239,8 @@ def download_sms(url: str = UCI_URL, cache_dir: str | os.PathLike | None = None)
         with urllib.request.urlopen(url, timeout=60) as response:
             archive = response.read()
     except OSError as e:
-        raise DataError(f"cannot download {url} ({e}); check the network or leave data.download=false to use the embedded copy") from None
+        raise DataError(f"cannot download {url} ({e}); check the network or leave data.download=false "
+                        f"to use the embedded copy") from None
     try:
         with zipfile.ZipFile(io.BytesIO(archive)) as zf:
             member = next((n for n in zf.namelist() if n.rsplit("/", 1)[-1] == SMS_FILE), None)
@@ -246,6 +251,7 @@ def download_sms(url: str = UCI_URL, cache_dir: str | os.PathLike | None = None)
         raise DataError(f"{url}: not a zip archive; check data.download_url") from None
     digest = hashlib.sha256(content).hexdigest()
     if digest != SMS_SHA256:
-        raise DataError(f"{url}: {SMS_FILE} has sha256 {digest}, expected {SMS_SHA256}; the download is not the official file")
+        raise DataError(f"{url}: {SMS_FILE} has sha256 {digest}, expected {SMS_SHA256}; "
+                        f"the download is not the official file")
     write_bytes(target, content)
     return target

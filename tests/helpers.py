@@ -61,8 +61,10 @@ def save_hub_layout(model, folder: Path) -> Path:
     per-layer causal-mask buffers `h.N.attn.bias` (older files: `h.N.attn.masked_bias`)."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    mask = torch.tril(torch.ones(cfg.n_positions, cfg.n_positions, dtype=torch.uint8)).view(1, 1, cfg.n_positions, cfg.n_positions)
+    state = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()
+             if k != "lm_head.weight"}
+    mask = torch.tril(torch.ones(cfg.n_positions, cfg.n_positions, dtype=torch.uint8)).view(
+        1, 1, cfg.n_positions, cfg.n_positions)
     for i in range(cfg.n_layer):
         state[f"h.{i}.attn.bias"] = mask.clone()
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
@@ -122,7 +124,8 @@ def classifier_of(module, tokenization: dict, precision: str = "fp32"):
     from spamclf.inference import Classifier
     from spamclf.precision import resolve
 
-    return Classifier(module.model, module.readout, module.decision, tokenization, resolve(precision), torch.device("cpu"))
+    return Classifier(module.model, module.readout, module.decision, tokenization, resolve(precision),
+                      torch.device("cpu"))
 
 
 def free_port() -> int:
@@ -143,7 +146,8 @@ def http_request(url, body=None, raw=None, timeout=30, headers=None):
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             payload = response.read()
-            return response.status, json.loads(payload or b"null") if response.headers.get_content_type() == "application/json" else payload.decode()
+            return response.status, (json.loads(payload or b"null")
+                                     if response.headers.get_content_type() == "application/json" else payload.decode())
     except urllib.error.HTTPError as e:
         payload = e.read()
         try:

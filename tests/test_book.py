@@ -160,7 +160,8 @@ def ours_from_book(book_model, swap_key_value=False):
     """Our GPT2 holding the book model's weights: W_query/W_key/W_value stacked into qkv, LayerNorm
     scale/shift as weight/bias, and the book's own (untied) out_head."""
     cfg = GPTConfig(vocab_size=TINY["vocab_size"], context_length=TINY["context_length"], emb_dim=TINY["emb_dim"],
-                    n_layers=TINY["n_layers"], n_heads=TINY["n_heads"], drop_rate=TINY["drop_rate"], qkv_bias=TINY["qkv_bias"])
+                    n_layers=TINY["n_layers"], n_heads=TINY["n_heads"], drop_rate=TINY["drop_rate"],
+                    qkv_bias=TINY["qkv_bias"])
     model = GPT2.random(cfg)
     model.out_head = torch.nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)  # the book's head is its own tensor
     src = book_model.state_dict()
@@ -235,7 +236,8 @@ def test_the_books_training_loop_runs_unchanged_on_our_model(book):
     assert (our_tacc, our_vacc) == (book_tacc, book_vacc)
     trained = our_model.trf_blocks[-1].att.qkv.weight.detach()
     assert not torch.equal(trained, before)  # the loop trained our last block
-    book_qkv = torch.cat([getattr(book_model.trf_blocks[-1].att, w).weight.detach() for w in ("W_query", "W_key", "W_value")])
+    book_qkv = torch.cat([getattr(book_model.trf_blocks[-1].att, w).weight.detach()
+                          for w in ("W_query", "W_key", "W_value")])
     torch.testing.assert_close(trained, book_qkv, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(our_model.out_head.weight, book_model.out_head.weight, atol=1e-6, rtol=1e-5)
     assert not our_model.trf_blocks[0].att.qkv.weight.requires_grad  # frozen as the book freezes

@@ -22,7 +22,8 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("mail")
     for i in range(12):
         length = 40 if i % 3 == 0 else 2
-        write_eml(root / "spam" / f"{i}.eml", message(f"Prize {i}", _long("claim cash now", length), From=f"s{i}@x.test"))
+        write_eml(root / "spam" / f"{i}.eml", message(f"Prize {i}", _long("claim cash now", length),
+                                                      From=f"s{i}@x.test"))
         write_eml(root / "ham" / f"{i}.eml", message(f"Notes {i}", _long("see you at the meeting", length),
                                                      From=f"h{i}@y.test"))
     return root

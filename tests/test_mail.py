@@ -348,7 +348,8 @@ def test_mail_data_mistakes_are_one_line_errors(tmp_path):
         (SpamDataModule(path=str(root / "spam" / "s0.eml")), "is a file, not a folder; give a folder with one"),
         (SpamDataModule(path=str(root / "spam")), "no class subfolders"),
         (SpamDataModule(path=str(csv), mail_headers=["From"]), "data.mail_headers applies to a folder of mail"),
-        (SpamDataModule(path=str(root), labels=["spam", "other"]), f"{root / 'ham'}: label 'ham' is not in data.labels"),
+        (SpamDataModule(path=str(root), labels=["spam", "other"]),
+         f"{root / 'ham'}: label 'ham' is not in data.labels"),
     ]
     for module, expected in cases:
         error = one_line_error(module.setup)

@@ -38,7 +38,8 @@ def test_parity_with_transformers_hub_layout_through_the_hub_cache(tmp_path, mon
     hf = hf_gpt2(seed=3)
     files = save_hub_layout(hf, tmp_path / "files")
     keys = load_file(files / "model.safetensors")
-    assert "h.0.attn.bias" in keys and "h.1.attn.masked_bias" in keys and not any(k.startswith("transformer.") for k in keys)
+    assert ("h.0.attn.bias" in keys and "h.1.attn.masked_bias" in keys
+            and not any(k.startswith("transformer.") for k in keys))
     populate_hub_cache(tmp_path / "hub", "openai-community/gpt2", files)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     weights, config = resolve_weights("gpt2-small", cache_dir=str(tmp_path / "hub"))  # preset → hub id → cache
@@ -94,7 +95,8 @@ def test_offline_without_cache_is_one_clear_line(tmp_path):
 
 
 def test_presets_and_the_books_snippets():
-    assert [(PRESETS[n].emb_dim, PRESETS[n].n_layers, PRESETS[n].n_heads) for n in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")] == [
+    assert [(PRESETS[n].emb_dim, PRESETS[n].n_layers, PRESETS[n].n_heads)
+            for n in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")] == [
         (768, 12, 12), (1024, 24, 16), (1280, 36, 20), (1600, 48, 25)]
     with pytest.raises(ValueError, match="gpt2-huge"):
         preset("gpt2-huge")
@@ -238,7 +240,8 @@ def _padded(ids, width):
     return torch.tensor([ids + [50256] * (width - len(ids))])
 
 
-@pytest.mark.parametrize("pooling, causal", [("last_nonpad", True), ("mean", True), ("last_nonpad", False), ("mean", False), ("first", False)])
+@pytest.mark.parametrize("pooling, causal", [("last_nonpad", True), ("mean", True), ("last_nonpad", False),
+                                             ("mean", False), ("first", False)])
 def test_predictions_do_not_change_with_extra_padding(pooling, causal):
     torch.manual_seed(0)
     clf = SpamClassifier("gpt2-tiny", weights="random", pooling=pooling, causal=causal).eval()
@@ -273,11 +276,13 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, sms_module):
     loaded = Classifier.load(tmp_path / "c.ckpt")
     batch = next(iter(sms_module.val_dataloader()))
     with torch.no_grad():
-        assert torch.equal(clf.eval()(batch["input_ids"], batch["lengths"]), loaded.logits(batch["input_ids"], batch["lengths"]))
+        assert torch.equal(clf.eval()(batch["input_ids"], batch["lengths"]),
+                           loaded.logits(batch["input_ids"], batch["lengths"]))
     assert loaded.tokenization["pad_length"] == 120 and loaded.label_names == ["ham", "spam"]
     again = SpamClassifier.from_checkpoint(tmp_path / "c.ckpt").eval()  # the training side reads it too
     with torch.no_grad():
-        assert torch.equal(again(batch["input_ids"], batch["lengths"]), loaded.logits(batch["input_ids"], batch["lengths"]))
+        assert torch.equal(again(batch["input_ids"], batch["lengths"]),
+                           loaded.logits(batch["input_ids"], batch["lengths"]))
 
 
 def test_pretrained_checkpoints_keep_only_trainable_tensors(tmp_path, sms_module):
@@ -290,11 +295,13 @@ def test_pretrained_checkpoints_keep_only_trainable_tensors(tmp_path, sms_module
     assert set(saved["state_dict"]) == {f"model.{n}" for n, p in clf.model.named_parameters() if p.requires_grad}
     assert saved["base_weights"]["sha256"] == clf.model.source["sha256"]
     trainable_bytes = sum(v.numel() * 4 for v in saved["state_dict"].values())
-    assert (tmp_path / "slim.ckpt").stat().st_size < 3 * trainable_bytes + 200_000  # weights + optimizer moments + metadata
+    # weights + optimizer moments + metadata
+    assert (tmp_path / "slim.ckpt").stat().st_size < 3 * trainable_bytes + 200_000
     loaded = Classifier.load(tmp_path / "slim.ckpt")
     batch = next(iter(sms_module.test_dataloader()))
     with torch.no_grad():
-        assert torch.equal(clf.eval()(batch["input_ids"], batch["lengths"]), loaded.logits(batch["input_ids"], batch["lengths"]))
+        assert torch.equal(clf.eval()(batch["input_ids"], batch["lengths"]),
+                           loaded.logits(batch["input_ids"], batch["lengths"]))
     # Different base weights at the same path: refuse, naming the fix.
     save_hub_layout(hf_gpt2(seed=9, n_embd=64, n_layer=4, n_head=4, n_positions=1024), files)
     with pytest.raises(CheckpointError, match="sha256.*weights_path"):
@@ -305,7 +312,8 @@ def test_pretrained_checkpoints_keep_only_trainable_tensors(tmp_path, sms_module
 
 def test_bad_checkpoint_files_are_one_line(tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"\x80not a checkpoint")
-    for path, match in ((tmp_path / "junk.ckpt", "not a readable spamclf checkpoint"), (tmp_path / "none.ckpt", "not found")):
+    for path, match in ((tmp_path / "junk.ckpt", "not a readable spamclf checkpoint"),
+                        (tmp_path / "none.ckpt", "not found")):
         for load in (Classifier.load, SpamClassifier.from_checkpoint):
             with pytest.raises(CheckpointError, match=match) as info:
                 load(path)

@@ -15,11 +15,13 @@ SPLIT_KEYS = ("acc", "loss", "f1", "auroc")
 
 def _hydra_cfg(overrides, tmp_path):
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=[*overrides, f"paths.log_dir={tmp_path}", "paths.root_dir=."], return_hydra_config=True)
+        return compose("train", overrides=[*overrides, f"paths.log_dir={tmp_path}", "paths.root_dir=."],
+                       return_hydra_config=True)
 
 
 def test_launcher_and_fsdp_presets_compose(tmp_path):
-    slurm = _hydra_cfg(["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu"], tmp_path)
+    slurm = _hydra_cfg(["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu"],
+                       tmp_path)
     launcher = slurm.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert launcher.tasks_per_node == 4 and launcher.max_num_timeout > 0  # one task per GPU; preempted jobs requeue
@@ -47,7 +49,8 @@ def _runs(sweep_root: Path) -> list[Path]:
 
 
 def test_local_launcher_runs_the_sweep_in_parallel_processes(tmp_path):
-    proc = train_cli(["-m", "hydra/launcher=local", *TINY, "model.trainable_layers=all,head", "test=false"], tmp_path, timeout=900)
+    proc = train_cli(["-m", "hydra/launcher=local", *TINY, "model.trainable_layers=all,head", "test=false"], tmp_path,
+                     timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = _runs(tmp_path)
     assert [p.name for p in runs] == ["0", "1"] and all((p / "metrics.json").is_file() for p in runs)
@@ -70,7 +73,8 @@ def test_ddp_inside_a_sweep_gives_one_complete_folder_per_job_with_exact_metrics
         assert log.count("splits: train") == 1  # one writer per run folder
         assert metrics["operating_point"]["val"]["count"] == 149 and metrics["operating_point"]["test"]["count"] == 300
         # The same checkpoint scored by one process: every row once, the same numbers.
-        single = train_cli([*TINY, "train=false", f"ckpt_path={metrics['best_checkpoint']}", f"hydra.run.dir={run_dir}-single"], tmp_path)
+        single = train_cli([*TINY, "train=false", f"ckpt_path={metrics['best_checkpoint']}",
+                            f"hydra.run.dir={run_dir}-single"], tmp_path)
         assert single.returncode == 0, single.stderr[-3000:]
         alone = json.loads((Path(f"{run_dir}-single") / "metrics.json").read_text())
         for split in ("val", "test"):
@@ -99,7 +103,8 @@ def test_killed_then_resumed_into_a_new_folder_ends_as_the_uninterrupted_run(uni
     killed = train_cli([*common, f"hydra.run.dir={tmp_path}/killed", "+callbacks.die._target_=tests.helpers.DieAt",
                    "+callbacks.die.epoch=2", "+callbacks.die.batch=10"], tmp_path)
     assert killed.returncode == 3
-    resumed = train_cli([*common, f"hydra.run.dir={tmp_path}/new", f"ckpt_path={tmp_path}/killed/checkpoints/last.ckpt"], tmp_path)
+    resumed = train_cli([*common, f"hydra.run.dir={tmp_path}/new",
+                         f"ckpt_path={tmp_path}/killed/checkpoints/last.ckpt"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((tmp_path / "new" / "metrics.json").read_text())
     assert Path(metrics["best_checkpoint"]).parent == tmp_path / "new" / "checkpoints"  # carried into the new folder
@@ -111,7 +116,8 @@ def test_sigterm_is_preemption_and_the_requeued_job_resumes(uninterrupted, tmp_p
     first = train_cli([*common, "+callbacks.term._target_=tests.helpers.SigtermAt", "+callbacks.term.epoch=1",
                   "+callbacks.term.batch=20"], tmp_path)
     assert first.returncode == REQUEUE_EXIT, first.stderr[-3000:]
-    assert (tmp_path / "job" / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "job" / "metrics.json").exists()
+    assert ((tmp_path / "job" / "checkpoints" / "last.ckpt").is_file()
+            and not (tmp_path / "job" / "metrics.json").exists())
     requeued = train_cli(common, tmp_path)  # the same command again, as a requeue runs it
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert "resuming the unfinished run" in requeued.stdout + requeued.stderr

@@ -19,14 +19,16 @@ pytestmark = pytest.mark.slurm
 # messages of each split; one CPU per task, so two jobs share the node.
 FAST = ["model=gpt2-tiny", "trainer=cpu", *QUIET, "data.natural=false", "data.padding=batch", "data.bucket=true",
         "model.pooling=last_nonpad", "data.eval_batch_size=64"]
-JOB = ["hydra/launcher=slurm_cpu", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4",
-       *FAST, "trainer.max_epochs=3", "trainer.limit_train_batches=20", "trainer.limit_test_batches=2"]
+JOB = ["hydra/launcher=slurm_cpu", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
+       "hydra.launcher.mem_gb=4", *FAST, "trainer.max_epochs=3", "trainer.limit_train_batches=20",
+       "trainer.limit_test_batches=2"]
 SPLIT_KEYS = ("acc", "loss", "f1", "auroc")
 
 
 def _train(args, log_dir: Path, env: dict, timeout=240, **kw):
     cmd = [sys.executable, "train.py", "-m", *args, f"paths.log_dir={log_dir}"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**env, "HF_HUB_OFFLINE": "1"}, **kw)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, **kw)
 
 
 def _sweep_dir(log_dir: Path) -> Path:
@@ -93,7 +95,8 @@ def test_preemption_exits_75_requeues_and_resumes_in_the_same_folder(sweep, slur
         # result. A few seconds later the new credential is valid.
         time.sleep(3)
         deadline = time.monotonic() + 240
-        while (state := _slurm(slurm_cluster, "squeue", "-h", "-j", job[0], "-o", "%T %r").strip()).startswith("PENDING"):
+        while (state := _slurm(slurm_cluster, "squeue", "-h", "-j", job[0],
+                               "-o", "%T %r").strip()).startswith("PENDING"):
             # released until the scheduler starts it (on a busy machine one release can be missed)
             _slurm(slurm_cluster, "scontrol", "update", f"JobId={job[0]}", "StartTime=now")
             assert proc.poll() is None and time.monotonic() < deadline, f"the requeued job did not start: {state}"
@@ -122,14 +125,17 @@ def test_a_user_mistake_fails_once_is_not_requeued_and_the_sweep_names_the_job(s
     assert "Error executing job with overrides:" in proc.stderr and "model.trainable_layers=most" in proc.stderr
     sweep_dir = _sweep_dir(tmp_path)
     errors = [line for line in _job_log(sweep_dir, "err").splitlines() if line.startswith("error: ")]
-    assert errors == ["error: model.trainable_layers='most' is not valid; choose one of head, last_block, last_two_blocks, "
-                      "an integer, all, lora"] or (len(errors) == 1 and "model.trainable_layers='most'" in errors[0]), errors
+    assert errors == ["error: model.trainable_layers='most' is not valid; choose one of head, last_block, "
+                      "last_two_blocks, an integer, all, lora"] or (
+        len(errors) == 1 and "model.trainable_layers='most'" in errors[0]), errors
     job = next(p for p in sweep_dir.glob(".submitit/*") if p.is_dir()).name
-    assert "Restarts=0" in _slurm(slurm_cluster, "scontrol", "show", "job", job) and "requeueing" not in _job_log(sweep_dir)
+    assert ("Restarts=0" in _slurm(slurm_cluster, "scontrol", "show", "job", job)
+            and "requeueing" not in _job_log(sweep_dir))
 
 
 def test_ddp_over_two_slurm_tasks_takes_its_ranks_from_slurm_and_matches_one_process(slurm_cluster, tmp_path):
-    proc = _train([*JOB, "trainer=ddp_sim", "trainer.max_epochs=1", "trainer.limit_test_batches=1.0"], tmp_path, slurm_cluster)
+    proc = _train([*JOB, "trainer=ddp_sim", "trainer.max_epochs=1", "trainer.limit_test_batches=1.0"], tmp_path,
+                  slurm_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep_dir = _sweep_dir(tmp_path)
     assert "#SBATCH --ntasks-per-node=2" in next(sweep_dir.glob(".submitit/*/*_submission.sh")).read_text()
