@@ -39,7 +39,8 @@ def test_users_overrides_compose(tmp_path):
     assert (cfg.model.model_name, cfg.trainer.accelerator, cfg.model.trainable_layers) == ("gpt2-medium", "gpu", "all")
     assert cfg.data.seed == 7 and cfg.data.path == "my.csv"
     csv_cfg = compose_cfg(["data=csv", "data.path=x.csv", "data.labels=[a,b,c]"], tmp_path)
-    assert csv_cfg.model.label_names == ["a", "b", "c"] and csv_cfg.data.balance is False and csv_cfg.data.reader == "exact"
+    assert csv_cfg.model.label_names == ["a", "b", "c"]
+    assert csv_cfg.data.balance is False and csv_cfg.data.reader == "exact"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -64,7 +65,8 @@ def test_table_rows_say_what_the_book_did(tmp_path):
     assert rows["row15"].trainer.accumulate_grad_batches == 8 and rows["row16"].model.causal is False
     assert rows["row18"].model.pooling == "mean" and rows["row19"].model.pooling == "last_nonpad"
     fast = compose_cfg(["experiment=fast"], tmp_path)
-    assert (fast.data.padding, fast.data.bucket, fast.model.pooling, fast.trainer.precision) == ("batch", True, "last_nonpad", "auto")
+    settings = (fast.data.padding, fast.data.bucket, fast.model.pooling, fast.trainer.precision)
+    assert settings == ("batch", True, "last_nonpad", "auto")
 
 
 def test_early_stopping_is_one_switch_away(tmp_path):
@@ -82,7 +84,8 @@ def test_smoke_run_writes_a_complete_run_folder(tmp_path):
         assert (tmp_path / name).is_file(), name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics) >= {"train", "val", "test", "best_checkpoint", "timings", "objective"}
-    assert Path(metrics["best_checkpoint"]).is_file() and metrics["best_checkpoint"] != str(tmp_path / "checkpoints/last.ckpt")
+    assert Path(metrics["best_checkpoint"]).is_file()
+    assert metrics["best_checkpoint"] != str(tmp_path / "checkpoints/last.ckpt")
     assert metrics["objective"]["value"] == pytest.approx(metrics["val"]["acc"], abs=1e-6)  # best checkpoint re-scored
     assert metrics["val"]["acc"] > 0.85 and metrics["test"]["acc"] > 0.85
     assert metrics["timings"]["fit_s"] > 0 and summary["overlap_with_train"]["test"] > 0
@@ -93,7 +96,8 @@ def test_smoke_run_writes_a_complete_run_folder(tmp_path):
 
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
     tags = events.Tags()
-    assert {"train/loss_step", "val/acc", "val/f1_macro", "test/acc", "test/fpr", "test/f1", "lr-AdamW"} <= set(tags["scalars"])
+    expected = {"train/loss_step", "val/acc", "val/f1_macro", "test/acc", "test/fpr", "test/f1", "lr-AdamW"}
+    assert expected <= set(tags["scalars"])
     assert "test/confusion_matrix" in tags["images"]
     assert any(t.startswith("test/pr_curve/spam") for t in tags["tensors"])
 
@@ -246,8 +250,8 @@ def test_cli_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_cli_optuna_search_scores_trials_on_validation(tmp_path):
-    proc = train_cli([*TINY, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
-                 "trainer.limit_train_batches=20"], tmp_path)
+    proc = train_cli([*TINY, "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+                      "hydra.sweeper.sampler.n_startup_trials=2", "trainer.limit_train_batches=20"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = next((tmp_path / "train" / "multiruns").iterdir())
     assert (sweep / "optimization_results.yaml").is_file()
@@ -275,8 +279,8 @@ def test_predict_cli_round_trip(trained_ckpt, tmp_path):
         writer.writerows([[i, m] for i, m in enumerate(messages)])
     out = tmp_path / "out.jsonl"
     proc = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(trained_ckpt), "--input", str(source),
-                           "--output", str(out), "--chunk-size", "3", "--precision", "fp32"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                           "--output", str(out), "--chunk-size", "3", "--precision", "fp32"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "precision fp32 -> fp32" in proc.stderr and "Traceback" not in proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -294,9 +298,11 @@ def test_predict_cli_round_trip(trained_ckpt, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and f"precision auto -> {auto}" in proc.stderr
     assert json.loads(proc.stdout)["probability"] == pytest.approx(rows[0]["probability"], abs=0.02)
-    bad = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(tmp_path / "missing.ckpt"), "--text", "hi"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.ckpt'}: checkpoint not found; pass the .ckpt a training run wrote (its checkpoints/ folder)"]
+    bad = subprocess.run([sys.executable, "-m", "spamclf.predict", "--ckpt", str(tmp_path / "missing.ckpt"),
+                          "--text", "hi"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing.ckpt'}: checkpoint not found; pass the .ckpt a training run wrote "
+        f"(its checkpoints/ folder)"]
 
 
 @pytest.mark.hardware

@@ -27,8 +27,9 @@ MESSAGES = ["WINNER!! Claim your £1000 prize now, call 09061701461", "are we st
 @pytest.fixture(scope="module")
 def server(tiny_run):
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
-    base, proc = start_server(["--ckpt", str(ckpt), "--precision", "fp32", "--max-texts", "4", "--max-body-bytes", "20000",
-                               "--batch-timeout", "0.05"], tiny_run / "server.log", ROOT, wait_s=120)
+    base, proc = start_server(["--ckpt", str(ckpt), "--precision", "fp32", "--max-texts", "4",
+                               "--max-body-bytes", "20000", "--batch-timeout", "0.05"],
+                              tiny_run / "server.log", ROOT, wait_s=120)
     yield base, ckpt, proc
     stop_server(proc)
 
@@ -175,7 +176,8 @@ def test_the_page_is_served_at_root_and_fetches_nothing_from_elsewhere(server):
 def test_sigterm_stops_every_process(tiny_run):
     """On a server of its own: the one the other tests share goes on serving whatever order they run in."""
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
-    _, proc = start_server(["--ckpt", str(ckpt), "--precision", "fp32"], tiny_run / "sigterm-server.log", ROOT, wait_s=120)
+    _, proc = start_server(["--ckpt", str(ckpt), "--precision", "fp32"], tiny_run / "sigterm-server.log", ROOT,
+                           wait_s=120)
     try:
         session = [p for p in psutil.process_iter(["pid"]) if _sid(p.pid) == proc.pid]
         assert len(session) >= 2  # the server and its inference worker
@@ -202,4 +204,5 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "spamclf.serve", "--ckpt", str(tmp_path / "none.ckpt")], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'none.ckpt'}: checkpoint not found; pass the .ckpt a training run wrote (its checkpoints/ folder)"]
+        f"error: {tmp_path / 'none.ckpt'}: checkpoint not found; pass the .ckpt a training run wrote "
+        f"(its checkpoints/ folder)"]
