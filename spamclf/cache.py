@@ -66,7 +66,11 @@ class CacheSettings:
         return cls(enabled=value) if isinstance(value, bool) else cls(**value)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields as plain values; `dir` only where set (a run's location, not a setting of the model)."""
+        fields = asdict(self)
+        if fields["dir"] is None:
+            del fields["dir"]
+        return fields
 
 
 def cache_blocker(depth: int, drop_rate: float, causal: bool, pooling: str, pad_length: int | None) -> str | None:
