@@ -14,16 +14,28 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from spamclf.batching import length_batches
 from spamclf.classifier import release_freed_memory
-from spamclf.errors import InvalidOption
+from spamclf.errors import InvalidOption, SpamclfError
 from spamclf.heads import Readout, frozen_prefix_depth
 from spamclf.kernels import onednn_bf16_inference
 from spamclf.packing import packed_prefix
 from spamclf.precision import dtype_of
+from spamclf.prefix_store import (
+    STORE,
+    StoredStates,
+    building_lock,
+    cache_key,
+    read_states,
+    rows_digest,
+    trial_label,
+    weights_digest,
+    write_states,
+)
 from spamclf.prepared import PreparedData
 from spamclf.progress import progress_bar
 
@@ -34,11 +46,13 @@ CACHE_DTYPES = ("auto", "bf16", "fp32")
 @dataclass(frozen=True)
 class CacheSettings:
     """`model.prefix_cache`: whether to cache (`enabled`), the stored dtype (auto: bf16 under bf16 precision,
-    else fp32) and the size above which a CPU cache lives in a temporary file instead of memory."""
+    else fp32), the size above which a CPU cache lives in a temporary file instead of memory (also what this
+    process keeps for a sweep's next trials), and `dir`, a folder that trials in other processes share (null: none)."""
 
     enabled: bool = True
     dtype: str = "auto"
     max_memory_mb: float = 4096
+    dir: str | None = None
 
     def __post_init__(self):
         if self.dtype not in CACHE_DTYPES:
@@ -52,7 +66,11 @@ class CacheSettings:
         return cls(enabled=value) if isinstance(value, bool) else cls(**value)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields as plain values; `dir` only where set (a run's location, not a setting of the model)."""
+        fields = asdict(self)
+        if fields["dir"] is None:
+            del fields["dir"]
+        return fields
 
 
 def cache_blocker(depth: int, drop_rate: float, causal: bool, pooling: str, pad_length: int | None) -> str | None:
@@ -79,6 +97,10 @@ class PrefixCache:
         self.flat, self.starts, self.stored, self.depth, self.path = flat, starts, stored, depth, path
         self.build_seconds = 0.0
         self._remove_file = weakref.finalize(self, _remove, path) if path else None  # spill files never outlive us
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
 
     @classmethod
     @torch.no_grad()
@@ -147,12 +169,15 @@ class PrefixCache:
 
 
 class SplitCaches:
-    """A run's prefix caches, one per split, each built the first time its split is evaluated or trained on (and
-    kept: the frozen prefix never changes)."""
+    """A run's prefix caches, one per split, each found or built the first time its split is evaluated or trained on
+    (and kept: the frozen prefix never changes). A cache of the same key that an earlier trial of this process
+    built is reused (`prefix_store.STORE`), or one in `settings.dir` that a trial in any process wrote."""
 
     def __init__(self, settings: CacheSettings):
         self.settings = settings
         self.caches: dict[str, PrefixCache | None] = {}
+        self.built_seconds: dict[str, float] = {}  # splits this run built itself (reused ones cost nothing)
+        self.digests: dict[int, str] = {}  # frozen depth -> the prefix weights' digest (frozen: computed once)
 
     def plan(self, model, readout: Readout, drop_rate: float, pad_length: int | None) -> tuple[int, str | None]:
         """(frozen depth, reason the prefix cannot be cached, or None)."""
@@ -173,14 +198,64 @@ class SplitCaches:
                 log.info("prefix cache off: %s", reason)
             self.caches[split] = None
             return None
-        dataset = data.datasets[split]
-        with progress_bar(f"prefix cache ({split})", len(dataset), enabled=show_progress) as advance:
-            self.caches[split] = PrefixCache.build(
-                model, dataset, data.pad_length, depth, readout.pooling, readout.use_mask,
-                dtype=self.dtype(precision), device=device, max_memory_mb=self.settings.max_memory_mb,
-                progress=advance,
-            )
+        dataset, dtype = data.datasets[split], self.dtype(precision)
+
+        def build() -> PrefixCache:
+            with progress_bar(f"prefix cache ({split})", len(dataset), enabled=show_progress) as advance:
+                cache = PrefixCache.build(
+                    model, dataset, data.pad_length, depth, readout.pooling, readout.use_mask, dtype=dtype,
+                    device=device, max_memory_mb=self.settings.max_memory_mb, progress=advance,
+                )
+            self.built_seconds[split] = cache.build_seconds
+            return cache
+
+        key = self.key(model, dataset.ids, depth, readout, data.pad_length, dtype, precision, device)
+        self.caches[split] = self._find_or_build(split, key, build, device)
         return self.caches[split]
+
+    def key(self, model, ids: list[list[int]], depth: int, readout: Readout, pad_length: int | None,
+            dtype: torch.dtype, precision: str, device: torch.device) -> str:
+        """Everything that changes the stored states, as one sha256 (`prefix_store.cache_key`)."""
+        if depth not in self.digests:
+            self.digests[depth] = weights_digest(model, depth)
+        return cache_key(rows=rows_digest(ids), weights=self.digests[depth], depth=depth, pad_length=pad_length,
+                         pooling=readout.pooling, use_mask=readout.use_mask, causal=readout.causal,
+                         dtype=str(dtype), precision=precision, device=str(device))
+
+    def _find_or_build(self, split: str, key: str, build: Callable[[], PrefixCache],
+                       device: torch.device) -> PrefixCache:
+        limit = int(self.settings.max_memory_mb * 2**20)
+        found = STORE.get(key, limit)
+        if found is not None:
+            log.info("prefix cache (%s): reused (built by %s)", split, found[1])
+            return found[0]
+        if self.settings.dir is None:
+            cache, built_by = build(), trial_label()
+        else:
+            cache, built_by = self._shared_file(split, key, build, device)
+        STORE.put(key, cache, built_by, limit)
+        return cache
+
+    def _shared_file(self, split: str, key: str, build: Callable[[], PrefixCache],
+                     device: torch.device) -> tuple[PrefixCache, str]:
+        """(the cache, who built it) from `settings.dir`; built and written there first if no trial has."""
+        folder = Path(self.settings.dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SpamclfError(f"model.prefix_cache.dir={self.settings.dir}: cannot create the folder "
+                               f"({error.strerror}); choose a writable folder, or null") from None
+        path = folder / f"{key}.prefix"
+        with building_lock(path, f"prefix cache ({split})"):
+            states = read_states(path, key)
+            if states is not None:
+                log.info("prefix cache (%s): read from %s (built by %s)", split, path, states.built_by)
+                flat = states.flat if device.type == "cpu" else states.flat.to(device)
+                return PrefixCache(flat, states.starts, states.stored, states.depth, None), states.built_by
+            cache, built_by = build(), trial_label()
+            write_states(path, key, StoredStates(cache.flat, cache.starts, cache.stored, cache.depth, built_by))
+            log.info("prefix cache (%s): written to %s", split, path)
+            return cache, built_by
 
     def dtype(self, precision: str) -> torch.dtype:
         """The stored dtype: as set, or (auto) bf16 when the run's precision computes in bf16, else fp32."""
@@ -190,13 +265,14 @@ class SplitCaches:
 
     @property
     def build_seconds(self) -> float:
-        return sum(c.build_seconds for c in self.caches.values() if c is not None)
+        return sum(self.built_seconds.values())
 
     def close(self) -> None:
+        """Drop this run's caches (other rows or weights follow); a spill file goes with the last reference to it."""
         for cache in self.caches.values():
             if cache is not None:
                 cache.close()
-        self.caches = {}
+        self.caches, self.built_seconds, self.digests = {}, {}, {}
 
 
 def _remove(path: str) -> None:
