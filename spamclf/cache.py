@@ -136,7 +136,8 @@ class PrefixCache:
         was_training = model.training
         model.eval()
         with onednn_bf16_inference(model, depth):
-            for batch in packed_prefix(model, dataset.ids, stored, depth, use_mask, pad_length, batches=batches, device=device):
+            for batch in packed_prefix(model, dataset.ids, stored, depth, use_mask, pad_length, batches=batches,
+                                       device=device):
                 start_row = starts[batch.rows[0]]
                 flat[start_row : start_row + len(batch.hidden)] = batch.hidden.to(dtype)
                 if progress is not None:

@@ -35,7 +35,8 @@ from spamclf.prepared import PreparedData
 from spamclf.splits import NATURAL
 
 log = logging.getLogger(__name__)
-EVALUATED = ("val", "test", "best_train", "best_val", NATURAL)  # names of the evaluation passes (best_*: final, best checkpoint)
+# names of the evaluation passes (best_*: the final one, of the best checkpoint)
+EVALUATED = ("val", "test", "best_train", "best_val", NATURAL)
 POINT_SCALARS = ("fpr", "recall", "precision", "f1", "ece", "threshold", "precision_at_prevalence")
 
 

@@ -25,13 +25,15 @@ def _run(data_kwargs, model_kwargs, prefix_cache, max_memory_mb=4096, precision=
                          optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
                          prefix_cache={"enabled": prefix_cache, "max_memory_mb": max_memory_mb}, **model_kwargs)
     record = StepLosses()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=15, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=15, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0,
                         callbacks=[record, DataHandOver(dm, precision)], precision=precision)
     trainer.fit(clf, datamodule=dm)
     used = {split for split, cache in clf.caches.caches.items() if cache is not None}
     spilled = [c.path for c in clf.caches.caches.values() if c is not None and c.path]
-    return record.losses, float(trainer.callback_metrics["val/acc"]), float(trainer.callback_metrics["val/loss"]), used, spilled
+    metrics = trainer.callback_metrics
+    return record.losses, float(metrics["val/acc"]), float(metrics["val/loss"]), used, spilled
 
 
 @pytest.mark.parametrize(
@@ -41,7 +43,8 @@ def _run(data_kwargs, model_kwargs, prefix_cache, max_memory_mb=4096, precision=
         ({"padding": "batch", "bucket": True, "eval_batch_size": 32}, {"pooling": "last_nonpad"}),  # experiment=fast
         ({"padding": "batch"}, {"pooling": "last"}),  # reads padding: the cache keeps the split's full width
         ({"padding": "batch"}, {"pooling": "mean", "causal": False}),  # masked, bidirectional
-        ({"padding": "fixed", "max_length": 64}, {"pooling": "last", "causal": False}),  # padding as tokens, fixed width
+        # padding as tokens, fixed width
+        ({"padding": "fixed", "max_length": 64}, {"pooling": "last", "causal": False}),
     ],
 )
 def test_cache_gives_the_same_steps_and_metrics(data_kwargs, model_kwargs):

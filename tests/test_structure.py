@@ -129,3 +129,11 @@ def test_functions_stay_short():
             if lines > 50:
                 long.append(f"{path.parent.name}/{path.name}:{node.lineno} {name} ({lines} lines)")
     assert not long
+
+
+def test_the_code_passes_its_lint_rules():
+    """ruff's rules as pyproject.toml sets them, lines within 120 characters included."""
+    root = PACKAGE.parent
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "spamclf", "benchmarks", "tests", "train.py"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
