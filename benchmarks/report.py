@@ -77,7 +77,8 @@ def _floors(results: dict) -> list[str]:
              f"bare `import torch` {rates['startup_s']:.2f} s", FLOOR_NOTE]
     for case, r in rows:
         parts = floor(r, r["rates"])
-        lines.append(f"  {case:<22} floor " + " + ".join(f"{part} {seconds:.2f}" for part, seconds in parts.items()
+        name = "sweep (one run)" if case == "sweep" else case
+        lines.append(f"  {name:<22} floor " + " + ".join(f"{part} {seconds:.2f}" for part, seconds in parts.items()
                                                           if part != "total") + f" = {parts['total']:.2f} s")
     return [*lines, ""]
 
@@ -114,6 +115,7 @@ def _sweep(results: dict) -> list[str]:
     lines.append(f"  * read inside the {r['trials']}-trial sweep, when that many of its trials had finished; the "
                  "local launcher " + ("shared the prefix cache through model.prefix_cache.dir" if r["shared_cache_dir"]
                                       else "had no model.prefix_cache.dir to share the prefix cache through"))
+    lines.append("  the floor of k trials: one start-up and one prefix cache, k times the steps and evaluation")
     return lines
 
 
