@@ -83,6 +83,12 @@ def test_user_mistakes_end_in_one_line_before_any_case_runs():
         "error: --json /no/such/folder/results.json: its folder does not exist; create it or choose another path"]
 
 
+
+def test_a_sweep_of_one_trial_ends_in_one_line_before_any_case_runs():
+    one = _bench("--cases", "sweep", "--sweep-trials", "1", timeout=120)
+    assert one.returncode == 2 and one.stderr.strip().splitlines() == [
+        "error: --sweep-trials 1: a sweep needs at least 2 trials"]
+
 @pytest.mark.hardware
 def test_the_report_is_the_printed_tables_and_leaves_the_rows_alone(tiny_bench):
     stdout, raw = tiny_bench
