@@ -59,7 +59,8 @@ def child(case: str, args) -> None:
     from benchmarks import prediction, serving, sweep, training
 
     logging.basicConfig(level=logging.WARNING)
-    cases = {"peer": training.case_peer, "sweep": sweep.case_sweep, "predict": prediction.case_predict, "serve": serving.case_serve,
+    cases = {"peer": training.case_peer, "sweep": sweep.case_sweep, "predict": prediction.case_predict,
+             "serve": serving.case_serve,
              "cold_start": prediction.case_cold_start, "int8_accuracy": prediction.case_int8_accuracy,
              "serve_int8": lambda a: serving.case_serve(a, "onnx:int8"),
              **{name: (lambda a, e=engine: prediction.case_predict(a, e)) for name, engine in PREDICT_ENGINES.items()}}
