@@ -53,9 +53,9 @@ def case_sweep(args) -> dict:
         shares_cache = "dir" in cfg.model.prefix_cache
         single_s = _timed_train([*base, f"hydra.run.dir={tmp}/single"])
         summary = json.loads((Path(tmp) / "single" / "metrics.json").read_text())
-        rates = ",".join(learning_rates(cfg.model.optimizer.lr, args.sweep_trials))
+        lrs = ",".join(learning_rates(cfg.model.optimizer.lr, args.sweep_trials))
         launchers = {name: _multirun([*base, *extra, *([SHARED_CACHE] if name == "local" and shares_cache else []),
-                                      f"model.optimizer.lr={rates}"], Path(tmp) / name)
+                                      f"model.optimizer.lr={lrs}"], Path(tmp) / name)
                      for name, extra in LAUNCHERS.items()}
     wall = time.perf_counter() - STARTED
     facts = case_facts(cfg, args)
