@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import benchmarks
-from benchmarks.cases import ABLATIONS, CASES, KNOWN, PREDICT_ENGINES
+from benchmarks.cases import ABLATIONS, CASES, FLOORED, KNOWN, PREDICT_ENGINES
 from spamclf.errors import SpamclfError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {', '.join(CASES)}, ablations or {', '.join(ABLATIONS)}")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--model", default="gpt2-small", help="a model preset (gpt2-tiny for a smoke check)")
+    p.add_argument("--sweep-trials", type=int, default=8, help="trials of the sweep case's learning-rate multirun")
     p.add_argument("--predict-lines", type=int, default=100_000)
     p.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"), help="gpu: one CUDA device")
     p.add_argument("--predict-precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
@@ -55,10 +56,11 @@ def child(case: str, args) -> None:
     """Run one case in this process and print its result as one `BENCH {json}` line."""
     import logging
 
-    from benchmarks import prediction, serving, training
+    from benchmarks import prediction, serving, sweep, training
 
     logging.basicConfig(level=logging.WARNING)
-    cases = {"peer": training.case_peer, "predict": prediction.case_predict, "serve": serving.case_serve,
+    cases = {"peer": training.case_peer, "sweep": sweep.case_sweep, "predict": prediction.case_predict,
+             "serve": serving.case_serve,
              "cold_start": prediction.case_cold_start, "int8_accuracy": prediction.case_int8_accuracy,
              "serve_int8": lambda a: serving.case_serve(a, "onnx:int8"),
              **{name: (lambda a, e=engine: prediction.case_predict(a, e)) for name, engine in PREDICT_ENGINES.items()}}
@@ -86,6 +88,20 @@ def run_case(case: str, argv: list[str]) -> tuple[dict, int]:
     return result, usage.ru_maxrss * 1024  # Linux reports KiB
 
 
+def add_rates(results: dict, args) -> None:
+    """This machine's measured rates (benchmarks.rates), once per run, into every training case's row: the report
+    computes the cases' floors from the rows alone."""
+    floored = [case for case in FLOORED if case in results]
+    if not floored:
+        return
+    from benchmarks.rates import measure
+
+    print("measuring this machine's rates …", file=sys.stderr, flush=True)
+    rates = measure(results[floored[0]][0]["sizes"]["emb_dim"], args.accelerator)
+    for case in floored:
+        results[case][0]["rates"] = rates
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.machine import setting
     from benchmarks.report import ENGINE_CASES, report
@@ -98,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             child(args.child, args)
             return 0
         cases = selected(args.cases)
+        if args.sweep_trials < 2:
+            raise SpamclfError(f"--sweep-trials {args.sweep_trials}: a sweep needs at least 2 trials")
         if args.json and not Path(args.json).resolve().parent.is_dir():  # found out now, not after the cases ran
             raise SpamclfError(f"--json {args.json}: its folder does not exist; create it or choose another path")
     except SpamclfError as error:  # one line, no traceback; a child's reaches the parent's "case failed" line
@@ -107,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         print(f"running {case} …", file=sys.stderr, flush=True)
         results[case] = run_case(case, argv)
+    add_rates(results, args)
     print(report(results, setting(args, onnx=any(c in results for c in ENGINE_CASES))))
     if args.json:
         write_json(args.json, {k: {"result": v[0], "peak_rss": v[1]} for k, v in results.items()})

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.cases import ABLATIONS
+from benchmarks.cases import ABLATIONS, FLOORED
+from benchmarks.floors import FLOOR_NOTE, floor
 from benchmarks.flops import gflops, prediction_flops, training_phases
 from benchmarks.profiler import op_table, step_table
 
 GB = 1024**3
 # The book's own script, same recipe, measured on a 2-core AMD EPYC virtual machine (docs/speed.md).
 BOOK = {"script_min": 16.2, "script_rss_gb": 1.33, "script_cpu": "a 2-core AMD EPYC VM", "row10_test_acc": 0.9367}
+SWEEP_GOALS = {3: 2.0, 8: 3.0}  # trials: the most a sweep's wall may be, in single runs
 SERVE_GOAL_CONCURRENCY = 32  # the level compared with the CLI
 ENGINE_CASES = ("predict_fp32", "predict", "predict_onnx", "predict_int8")
 
 
 def report(results: dict, setting: dict) -> str:
-    sections = [_header(results, setting), _training(results), _comparisons(results), _ablations(results),
+    sections = [_header(results, setting), _training(results), _floors(results), _comparisons(results),
+                _ablations(results), _sweep(results),
                 *(_serve(results, name) for name in ("serve", "serve_int8") if name in results),
                 _engines(results, setting), _int8_accuracy(results), _prediction(results), _profiles(results)]
     return "\n".join(line for section in sections for line in section)
@@ -37,16 +40,18 @@ def _training_row(case: str, r: dict, rss: int, gpu: bool) -> str:
     train_real = t["real"]["train"] * t["train_examples"] / t["sizes"]["train"] * r["epochs"]
     gpu_col = f"{r['gpu_peak_gb']:>8.2f}" if r.get("gpu_peak_gb") is not None else f"{'':>8}"
     acc = s.get("test", {}).get("acc")
+    least = floor(r, r["rates"])["total"] if "rates" in r else float("nan")
     return (f"{case:<22}{s.get('precision', {}).get('used', '?'):>11}{wall:>9.1f}{fit:>9.1f}{wall - fit:>13.1f}"
             f"{examples / fit:>12.1f}{train_real / fit:>11.0f}{rss / GB:>13.2f}{gpu_col}"
-            f"{acc if acc is not None else float('nan'):>10.4f}")
+            f"{acc if acc is not None else float('nan'):>10.4f}{least:>9.1f}{wall / least:>9.1f}")
 
 
 def _training(results: dict) -> list[str]:
     """The training cases' table, the peer's row last."""
     gpu = any("gpu" in r for r, _ in results.values())
     header = (f"{'case':<22}{'precision':>11}{'wall s':>9}{'fit s':>9}{'outside fit':>13}{'train ex/s':>12}"
-              f"{'tokens/s':>11}{'peak RSS GB':>13}{'GPU GB' if gpu else '':>8}{'test acc':>10}")
+              f"{'tokens/s':>11}{'peak RSS GB':>13}{'GPU GB' if gpu else '':>8}{'test acc':>10}{'floor s':>9}"
+              f"{'x floor':>9}")
     cases = [case for case in ("ch06", "fast", "all_layers", *ABLATIONS) if case in results]
     lines = [header, "-" * len(header)] if cases else []
     lines += [_training_row(case, *results[case], gpu) for case in cases]
@@ -57,6 +62,61 @@ def _training(results: dict) -> list[str]:
                      f"{r['process_s'] - r['fit_s']:>13.1f}{'':>12}{'':>11}{rss / GB:>13.2f}{gpu_col}"
                      f"{r['test_acc']:>10.4f}")
     return [*lines, ""]
+
+
+def _floors(results: dict) -> list[str]:
+    """Each training case's floor by part, and the measured rates it comes from."""
+    rows = [(case, results[case][0]) for case in FLOORED if case in results and "rates" in results[case][0]]
+    if not rows:
+        return []
+    rates = rows[0][1]["rates"]
+    shape = f"[{rates['gemm_tokens']}, {rates['emb_dim']}] x [{rates['emb_dim']}, {4 * rates['emb_dim']}]"
+    flops = rates["matmul_flops"]
+    lines = [f"this machine's rates: {shape} GEMM bf16 {flops['bf16'] / 1e9:.0f} GFLOP/s, fp32 "
+             f"{flops['fp32'] / 1e9:.0f} GFLOP/s; copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + written); "
+             f"bare `import torch` {rates['startup_s']:.2f} s", FLOOR_NOTE]
+    for case, r in rows:
+        parts = floor(r, r["rates"])
+        name = "sweep (one run)" if case == "sweep" else case
+        lines.append(f"  {name:<22} floor " + " + ".join(f"{part} {seconds:.2f}" for part, seconds in parts.items()
+                                                          if part != "total") + f" = {parts['total']:.2f} s")
+    return [*lines, ""]
+
+
+def _sweep_rows(r: dict) -> list[tuple[str, int, float, float]]:
+    """(launcher, trials, wall s, s per trial after the first) of the sweep case; a count below the sweep's own
+    is read inside it, when that many trials had finished."""
+    rows = [("single", 1, r["single_s"], float("nan"))]
+    for name, run in r["launchers"].items():
+        done, n = run["finished_s"], r["trials"]
+        for k in sorted({k for k in SWEEP_GOALS if k < n} | {n}):
+            wall = run["wall_s"] if k == n else done[k - 1]
+            rows.append((name, k, wall, (wall - done[0]) / (k - 1)))
+    return rows
+
+
+def _sweep(results: dict) -> list[str]:
+    """The sweep case: each launcher's multirun against one run, against the goals and against its floor."""
+    if "sweep" not in results:
+        return []
+    r = results["sweep"][0]
+    lines = ["", f"sweep: `train.py experiment=fast`, then `-m` over {r['trials']} values of model.optimizer.lr; "
+                 "each a whole process, wall from its start; goals: "
+                 + ", ".join(f"{k} trials <= {x:g}x one run" for k, x in SWEEP_GOALS.items()),
+             f"  {'launcher':<10}{'trials':>8}{'wall s':>9}{'x single':>10}{'goal':>7}{'s/trial after 1st':>19}"
+             f"{'floor s':>9}{'x floor':>9}"]
+    for name, k, wall, per_trial in _sweep_rows(r):
+        goal = SWEEP_GOALS.get(k) if name != "single" else None
+        verdict = ("met" if wall / r["single_s"] <= goal else "missed") if goal else ""
+        least = floor(r, r["rates"], trials=k)["total"] if "rates" in r else float("nan")
+        within = "*" if name != "single" and k < r["trials"] else ""
+        lines.append(f"  {name:<10}{str(k) + within:>8}{wall:>9.1f}{wall / r['single_s']:>10.2f}{verdict:>7}"
+                     f"{per_trial:>19.1f}{least:>9.1f}{wall / least:>9.1f}")
+    lines.append(f"  * read inside the {r['trials']}-trial sweep, when that many of its trials had finished; the "
+                 "local launcher " + ("shared the prefix cache through model.prefix_cache.dir" if r["shared_cache_dir"]
+                                      else "had no model.prefix_cache.dir to share the prefix cache through"))
+    lines.append("  the floor of k trials: one start-up and one prefix cache, k times the steps and evaluation")
+    return lines
 
 
 def _comparisons(results: dict) -> list[str]:

@@ -14,7 +14,7 @@ from benchmarks.profiler import STEP_FILE, read_profile
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _compose(overrides: list[str], out: Path):
+def compose(overrides: list[str], out: Path):
     from hydra import compose, initialize_config_dir
 
     from spamclf.errors import SpamclfError
@@ -35,7 +35,7 @@ def _token_counts(cfg) -> dict:
     train = dm.datasets["train"].lengths
     used = len(train) // cfg.data.batch_size * cfg.data.batch_size  # drop_last
     real = {s: sum(dm.datasets[s].lengths) for s in ("train", "val", "test")}
-    return {"train_examples": used, "real": real, "pad_length": dm.pad_length,
+    return {"train_examples": used, "batch_size": cfg.data.batch_size, "real": real, "pad_length": dm.pad_length,
             "sizes": {s: len(dm.datasets[s]) for s in real}}
 
 
@@ -59,24 +59,36 @@ def _read_if_there(path: Path) -> dict | None:
     return read_profile(path) if path.is_file() else None
 
 
+def run_overrides(args) -> list[str]:
+    """What every training case sets: the model with random weights, nothing written but metrics.json, the book's
+    splits only (train, validation and test), the device and the epochs."""
+    return [f"model={args.model}", "model.weights=random", "callbacks=none", "logger=none", "data.natural=false",
+            "trainer.enable_progress_bar=false", f"trainer.accelerator={args.accelerator}", "trainer.devices=1",
+            f"trainer.max_epochs={args.epochs}"]
+
+
+def case_facts(cfg, args) -> dict:
+    """What the report needs to count a case's work: its tokens, the model's sizes and what runs and trains."""
+    trainable, cache = cfg.model.trainable_layers, cfg.model.prefix_cache
+    cached = bool(cache if isinstance(cache, bool) else cache.enabled) and trainable != "all"
+    return {"tokens": _token_counts(cfg), "epochs": args.epochs, "model": args.model, "pooling": cfg.model.pooling,
+            "trainable": trainable, "cached": cached, "sizes": gpt_sizes(args.model),
+            "pooled_only": bool(cfg.model.pooled_only)}
+
+
 def case_train(name: str, args) -> dict:
     """ch06, fast, all_layers or an ablation through the real pipeline (pipeline.run), random weights."""
     from spamclf.pipeline import run
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _compose([*TRAIN_CASES[name], f"model={args.model}", "model.weights=random", "callbacks=none",
-                        "logger=none", "data.natural=false",  # the book's recipe: train, validation and test only
-                        "trainer.enable_progress_bar=false", f"trainer.accelerator={args.accelerator}",
-                        "trainer.devices=1", f"trainer.max_epochs={args.epochs}",
-                        *(_profilers(tmp) if args.profile else [])], Path(tmp))
+        cfg = compose([*TRAIN_CASES[name], *run_overrides(args), *(_profilers(tmp) if args.profile else [])],
+                      Path(tmp))
         summary = run(cfg)
         profile, ops = _read_if_there(Path(tmp) / STEP_FILE), _read_if_there(Path(tmp) / "ops-profile.json")
     wall = time.perf_counter() - STARTED
-    tokens = _token_counts(cfg)  # the benchmark's own work: not part of the case's wall time
-    return {"wall_s": wall, "bench_s": time.perf_counter() - STARTED - wall, "summary": summary, "tokens": tokens,
-            "epochs": args.epochs, "model": args.model,
-            "pooling": cfg.model.pooling, "trainable": cfg.model.trainable_layers, "sizes": gpt_sizes(args.model),
-            "pooled_only": bool(cfg.model.pooled_only), "profile": profile, "ops": ops, **device_facts(args)}
+    facts = case_facts(cfg, args)  # the benchmark's own work: not part of the case's wall time
+    return {"wall_s": wall, "bench_s": time.perf_counter() - STARTED - wall, "summary": summary,
+            "profile": profile, "ops": ops, **facts, **device_facts(args)}
 
 
 def device_facts(args) -> dict:

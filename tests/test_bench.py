@@ -83,6 +83,12 @@ def test_user_mistakes_end_in_one_line_before_any_case_runs():
         "error: --json /no/such/folder/results.json: its folder does not exist; create it or choose another path"]
 
 
+
+def test_a_sweep_of_one_trial_ends_in_one_line_before_any_case_runs():
+    one = _bench("--cases", "sweep", "--sweep-trials", "1", timeout=120)
+    assert one.returncode == 2 and one.stderr.strip().splitlines() == [
+        "error: --sweep-trials 1: a sweep needs at least 2 trials"]
+
 @pytest.mark.hardware
 def test_the_report_is_the_printed_tables_and_leaves_the_rows_alone(tiny_bench):
     stdout, raw = tiny_bench
@@ -141,3 +147,79 @@ def test_the_step_profile_covers_a_whole_step_on_one_process_and_under_ddp(train
     proc = _profiled_fit(tmp_path, f"trainer={trainer}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_a_whole_step(read_profile(tmp_path / "prof" / STEP_FILE), world_size=2 if trainer == "ddp_sim" else 1)
+
+
+def test_the_sweep_case_times_one_run_and_each_launchers_multirun(tmp_path):
+    raw = tmp_path / "results.json"
+    proc = _bench("--model", "gpt2-tiny", "--epochs", "1", "--cases", "sweep", "--sweep-trials", "2", f"--json={raw}",
+                  timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(raw.read_text())["sweep"]["result"]
+    assert r["trials"] == 2 and r["single_s"] > 0 and set(r["launchers"]) == {"basic", "local"}
+    for run in r["launchers"].values():  # both trials finished, inside the multirun's own wall time
+        assert len(run["finished_s"]) == 2 and 0 < run["finished_s"][0] <= run["finished_s"][1] <= run["wall_s"]
+    section = proc.stdout.split("\nsweep: ")[1].splitlines()
+    rows = {line.split()[0]: line.split() for line in section[2:5]}
+    assert set(rows) == {"single", "basic", "local"} and rows["single"][1] == "1"
+    for name in ("basic", "local"):
+        assert rows[name][1] == "2" and float(rows[name][3]) > 0  # ratio to the single run
+        assert float(rows[name][2]) / r["single_s"] == pytest.approx(float(rows[name][3]), abs=0.01)
+        assert float(rows[name][-1]) > 0  # against the floor of two trials
+
+
+def _made_up_row(precision: str = "bf16-mixed") -> dict:
+    """A cached, pooled-only training row of a 3-block model with D=4 (block: 12·16 + 13·4 = 244 weights) over
+    made-up splits, and made-up rates: FLOP/s 1e3 (bf16) and 1e2 (fp32), 28e3 bytes/s, a 1 s start-up."""
+    return {"sizes": {"emb_dim": 4, "layers": 3, "block": 244}, "epochs": 2, "cached": True, "pooled_only": True,
+            "trainable": "last_block", "process_s": 500.0,
+            "tokens": {"train_examples": 8, "batch_size": 4, "pad_length": None,
+                       "real": {"train": 100, "val": 20, "test": 30}, "sizes": {"train": 10, "val": 2, "test": 3}},
+            "summary": {"precision": {"used": precision}, "trainable_parameters": 1000, "test": {"acc": 0.5},
+                        "timings": {"fit_s": 400.0, "prefix_cache_s": 100.0, "prefix_cache_fit_s": 80.0}},
+            "rates": {"gemm_tokens": 512, "emb_dim": 4, "startup_s": 1.0, "matmul_flops": {"bf16": 1e3, "fp32": 1e2},
+                      "copy_bytes_per_s": 28e3}}
+
+
+def test_the_floor_adds_start_up_prefix_steps_adamw_and_evaluation_at_the_measured_rates():
+    from benchmarks.floors import floor
+
+    # The last block pooled only: 2·(2·D²·tokens + 10·D²·rows) = 64·tokens + 320·rows forward.
+    prefix = 2 * 2 * 244 * (100 + 20 + 30)  # the two frozen blocks over every split, once
+    train = 2 * (3 * (64 * 100 + 320 * 10))  # two epochs of forward + backward (twice the forward)
+    adamw = 4 * 28 * 1000 / 28e3  # 8 // 4 · 2 steps of 28 bytes per trainable parameter
+    evaluation = 2 * (64 * 20 + 320 * 2) + (64 * 100 + 320 * 10) + (64 * 20 + 320 * 2) + (64 * 30 + 320 * 3)
+    r = _made_up_row()
+    parts = floor(r, r["rates"])
+    assert parts == pytest.approx({"start-up": 1.0, "prefix cache": prefix / 1e3, "steps": train / 1e3 + adamw,
+                                   "evaluation": evaluation / 1e3, "total": 1 + (prefix + train + evaluation) / 1e3
+                                   + adamw})
+    assert parts["total"] == pytest.approx(227.24)
+    three = floor(r, r["rates"], trials=3)  # one start-up and one prefix cache, the rest three times
+    assert three["total"] == pytest.approx(1 + prefix / 1e3 + 3 * (train / 1e3 + adamw + evaluation / 1e3))
+    fp32 = _made_up_row("32-true")
+    assert floor(fp32, fp32["rates"])["steps"] == pytest.approx(train / 1e2 + adamw)  # the fp32 rate, 10x slower
+
+
+def test_the_report_prints_each_cases_floor_and_the_sweeps_ratios():
+    from benchmarks.floors import floor
+
+    fast = _made_up_row()
+    sweep = {**_made_up_row(), "single_s": 10.0, "trials": 8, "shared_cache_dir": True,
+             "launchers": {"basic": {"wall_s": 30.0, "finished_s": [8.0, 10.0, 14.0, 16.0, 20.0, 22.0, 26.0, 29.0]},
+                           "local": {"wall_s": 25.0, "finished_s": [9.0, 9.5, 15.0, 15.5, 20.0, 20.5, 24.0, 24.5]}}}
+    setting = {"model": "gpt2-tiny", "epochs": 2, "cpu": "a CPU", "cores": 2, "torch": "x", "cpu_header": "CPU: x"}
+    text = report({"fast": (fast, 2**30), "sweep": (sweep, 2**30)}, setting)
+    header = next(line for line in text.splitlines() if line.startswith("case "))
+    assert header.split()[-4:] == ["floor", "s", "x", "floor"]
+    row = next(line for line in text.splitlines() if line.startswith("fast ")).split()
+    assert float(row[-2]) == pytest.approx(227.2, abs=0.05) and float(row[-1]) == pytest.approx(500 / 227.24, abs=0.05)
+    assert "fast                   floor start-up 1.00 + prefix cache 146.40" in text
+    assert "this machine's rates: [512, 4] x [4, 16] GEMM bf16 0 GFLOP/s" in text
+    rows = [line.split() for line in text.split("\nsweep: ")[1].splitlines()[2:7]]
+    assert [(r[0], r[1]) for r in rows] == [("single", "1"), ("basic", "3*"), ("basic", "8"), ("local", "3*"),
+                                            ("local", "8")]
+    # wall, x single, the goal's verdict, s/trial after the first, floor of that many trials, x floor
+    assert rows[1][2:] == ["14.0", "1.40", "met", "3.0", f"{floor(sweep, sweep['rates'], 3)['total']:.1f}",
+                           f"{14 / floor(sweep, sweep['rates'], 3)['total']:.1f}"]
+    assert rows[2][2:5] == ["30.0", "3.00", "met"] and rows[4][2:6] == ["25.0", "2.50", "met", "2.3"]
+    assert rows[3][2:6] == ["15.0", "1.50", "met", "3.0"]
