@@ -25,6 +25,7 @@ from torchmetrics.classification import (
 )
 
 from spamclf.cache import CacheSettings, SplitCaches
+from spamclf.classifier import release_freed_memory
 from spamclf.decision import Decision, load_decision
 from spamclf.errors import InvalidOption
 from spamclf.evaluation import Evaluated, choose_decision, gathered, operating_point
@@ -105,8 +106,8 @@ class SpamClassifier(L.LightningModule):
             self.caches.close()
         self.hparams.tokenization = data.tokenization
         self.data, self.cache_precision, self.show_progress = data, precision, show_progress
-        if dtype_of(precision) == torch.bfloat16:  # the same numbers under bf16 autocast, in half the memory
-            frozen_linears_to(self.model, torch.bfloat16)
+        if dtype_of(precision) == torch.bfloat16 and frozen_linears_to(self.model, torch.bfloat16):
+            release_freed_memory()  # the same numbers under bf16 autocast, in half the memory
 
     @property
     def label_names(self) -> list[str]:
