@@ -88,6 +88,24 @@ def apply_trainable_layers(model: GPT2, policy: str | int, lora_rank: int = 16, 
     model.out_head.requires_grad_(True)
 
 
+def frozen_linears_to(model: GPT2, dtype: torch.dtype) -> int:
+    """Store the frozen linear layers of the blocks in `dtype`; returns the bytes this frees. For a run under `dtype`
+    autocast (bf16-mixed) the result is the same: autocast rounds these weights and biases to `dtype` at every call,
+    so the stored copy is what every call computed with already. Embeddings and layer norms, which autocast leaves in
+    fp32, stay as they are, and so do adapter-wrapped (LoRA) layers."""
+    before = _parameter_bytes(model)
+    for block in model.trf_blocks:
+        for parent, name, _ in block.linears():
+            fc = getattr(parent, name)
+            if type(fc) is nn.Linear and not any(p.requires_grad for p in fc.parameters()):
+                fc.to(dtype)
+    return before - _parameter_bytes(model)
+
+
+def _parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def frozen_prefix_depth(model: GPT2) -> int:
     """Number of leading blocks (after the frozen embeddings) whose parameters are all frozen."""
     if any(p.requires_grad for p in (*model.tok_emb.parameters(), *model.pos_emb.parameters())):

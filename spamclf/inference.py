@@ -82,7 +82,7 @@ def _network(checkpoint: dict) -> GPT2:
                                   f"({(unexpected or missing)[0]}); pass a .ckpt written by train.py")
     else:
         model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return model.float().eval()  # a bf16 run stores its frozen linears in bf16 (heads.frozen_linears_to)
 
 
 class Classifier(TextClassifier):
