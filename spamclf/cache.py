@@ -126,13 +126,7 @@ class PrefixCache:
             starts[r] = starts[first[(stored[r], tuple(dataset.ids[r]))]]
         shape = (position, model.cfg.emb_dim)
         nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
-        path = None
-        if nbytes > max_memory_mb * 2**20 and device.type == "cpu":
-            fd, path = tempfile.mkstemp(prefix="spamclf-prefix-", suffix=".bin", dir=spill_dir)
-            os.close(fd)
-            flat = torch.from_file(path, shared=True, size=shape[0] * shape[1], dtype=dtype).view(shape)
-        else:
-            flat = torch.empty(shape, dtype=dtype, device=device)
+        flat, path = _storage(shape, dtype, device, nbytes > max_memory_mb * 2**20, spill_dir)
         was_training = model.training
         model.eval()
         with onednn_bf16_inference(model, depth):
@@ -274,6 +268,16 @@ class SplitCaches:
             if cache is not None:
                 cache.close()
         self.caches, self.built_seconds, self.digests = {}, {}, {}
+
+
+def _storage(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, spill: bool,
+             spill_dir: str | None) -> tuple[torch.Tensor, str | None]:
+    """An empty [positions, D] tensor for the states: in memory, or (`spill`, on the CPU) in a temporary file."""
+    if not (spill and device.type == "cpu"):
+        return torch.empty(shape, dtype=dtype, device=device), None
+    fd, path = tempfile.mkstemp(prefix="spamclf-prefix-", suffix=".bin", dir=spill_dir)
+    os.close(fd)
+    return torch.from_file(path, shared=True, size=shape[0] * shape[1], dtype=dtype).view(shape), path
 
 
 def _remove(path: str) -> None:

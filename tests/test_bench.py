@@ -163,7 +163,8 @@ def test_the_sweep_case_times_one_run_and_each_launchers_multirun(tmp_path):
     assert set(rows) == {"single", "basic", "local"} and rows["single"][1] == "1"
     for name in ("basic", "local"):
         assert rows[name][1] == "2" and float(rows[name][3]) > 0  # ratio to the single run
-        assert float(rows[name][2]) / r["single_s"] == pytest.approx(float(rows[name][3]), abs=0.01)
+        # both printed figures are rounded: the ratio of the printed wall to the single run within 2%
+        assert float(rows[name][2]) / r["single_s"] == pytest.approx(float(rows[name][3]), rel=0.02)
         assert float(rows[name][-1]) > 0  # against the floor of two trials
 
 
