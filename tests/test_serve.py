@@ -134,27 +134,6 @@ def test_the_servers_methods_are_those_explain_has():
     assert set(PredictRequest.model_fields["method"].annotation.__args__[0].__args__) == set(METHODS)
 
 
-def test_an_explanation_does_not_hold_back_requests_that_did_not_ask_for_one(server):
-    """Explanations run in a worker of their own: plain requests sent while a slow one is computed are answered
-    before it is (in one worker they would wait for it, batched with it or queued behind it)."""
-    base = server[0]
-    # --max-texts 4; integrated gradients over ~200 tokens each: seconds of work even for gpt2-tiny
-    slow = {"texts": [f"win a free prize now {i} " * 40 for i in range(4)], "explain": True, "method": "ig"}
-
-    def answered_at(body):
-        return http_request(base + "/predict", body, timeout=300), time.monotonic()
-
-    with ThreadPoolExecutor(1) as pool:
-        explaining = pool.submit(answered_at, slow)
-        time.sleep(0.5)  # the explanation is under way
-        plain = [answered_at({"text": text}) for text in MESSAGES]
-        (status, answer), explained_at = explaining.result()
-    assert status == 200 and all(a["explanation"]["truncated"] for a in answer["predictions"])
-    assert all(code == 200 for (code, _), _ in plain)
-    # in one worker, a plain request sent while the explanation runs would be answered after it
-    assert min(at for _, at in plain) < explained_at
-
-
 def test_health_and_info(server):
     base, ckpt, _ = server
     assert http_request(base + "/health") == (200, "ok")
