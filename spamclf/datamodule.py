@@ -50,6 +50,7 @@ from spamclf.splits import (
     balance_classes,
     book_natural_frame,
     natural_frame,
+    same_rows,
     sample_at_most,
     split_frame,
 )
@@ -179,6 +180,7 @@ class SpamDataModule(L.LightningDataModule):
         self.truncated: dict[str, int] = {}  # per split, the messages cut to the width (data.truncation)
         self.class_shares: dict[str, float] = {}  # each class's share of the file (after dedupe, before balancing)
         self._test_splits: tuple[str, ...] = ("test",)
+        self.natural_is_test = False  # the natural set holds exactly the test split's rows (`splits.same_rows`)
 
     # -- preparation -------------------------------------------------------------------------------
     @property
@@ -213,9 +215,18 @@ class SpamDataModule(L.LightningDataModule):
         evaluation asks for train, val, test and natural). Splits this data does not have are left out."""
         self._test_splits = tuple(splits)
 
+    def scored_with(self) -> dict[str, str]:
+        """Splits asked for (`evaluate_on`) that `test_dataloader` leaves out because another split asked for holds
+        the very same rows, each with that split: {natural: test} when the natural set is the test split (no
+        message left out by balancing, none cut by natural_max), so the final evaluation scores them once."""
+        if self.natural_is_test and {NATURAL, "test"} <= set(self._test_splits):
+            return {NATURAL: "test"}
+        return {}
+
     def prepared(self) -> PreparedData:
-        """What the model needs from the set-up data (`SpamClassifier.use_data`)."""
-        return PreparedData(self.datasets, self.pad_length, self.describe(), self.class_shares)
+        """What the model needs from the set-up data (`SpamClassifier.use_data`), with the splits to report from
+        another split's pass (`scored_with`)."""
+        return PreparedData(self.datasets, self.pad_length, self.describe(), self.class_shares, self.scored_with())
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -250,6 +261,7 @@ class SpamDataModule(L.LightningDataModule):
                 )
         if h.natural:
             frames[NATURAL] = self._natural(everything, rows, frame, frames)
+            self.natural_is_test = same_rows(frames[NATURAL], frames["test"])
         self.frames = frames
         self._log_overlap()
         self._encode()
@@ -374,7 +386,11 @@ class SpamDataModule(L.LightningDataModule):
         return self.eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
-        loaders = [self.eval_dataloader(split) for split in self._test_splits if split in self.datasets]
+        reused = self.scored_with()
+        if NATURAL in reused:
+            info_on_rank_zero("natural set = test split: scored once")
+        loaders = [self.eval_dataloader(split) for split in self._test_splits
+                   if split in self.datasets and split not in reused]
         return loaders[0] if len(loaders) == 1 else loaders
 
     def describe(self) -> dict:

@@ -148,24 +148,31 @@ class SpamClassifier(L.LightningModule):
                           batch_size=len(logits), sync_dist=True)
         return loss
 
-    def _evaluate(self, batch: dict, name: str) -> None:
-        logits = self._logits(batch).float()
-        loss = F.cross_entropy(logits, batch["labels"])
+    def _record(self, logits: torch.Tensor, labels: torch.Tensor, name: str, split: str) -> None:
+        """One batch of `split`'s scores into the loss, metrics (logged as `name/...`) and outputs of its pass."""
+        loss = F.cross_entropy(logits, labels)
         self.losses[name].update(loss, weight=len(logits))
         self.log(f"{name}/loss", self.losses[name], on_epoch=True, batch_size=len(logits), add_dataloader_idx=False)
         metrics = self.metrics[f"{name}_metrics"]
-        metrics.update(logits, batch["labels"])
+        metrics.update(logits, labels)
         self.log_dict(metrics, on_epoch=True, batch_size=len(logits), add_dataloader_idx=False)
-        outputs = self.outputs.setdefault(batch["split"], {"logits": [], "labels": []})
+        outputs = self.outputs.setdefault(split, {"logits": [], "labels": []})
         outputs["logits"].append(logits.detach().cpu())
-        outputs["labels"].append(batch["labels"].cpu())
+        outputs["labels"].append(labels.cpu())
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "val")
+        self._record(self._logits(batch).float(), batch["labels"], "val", batch["split"])
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        split = batch["split"]
-        self._evaluate(batch, split if split in ("test", NATURAL) else f"best_{split}")
+        """Scores `batch["split"]`, and with the same scores every split that holds the same rows (no loader of its
+        own: `PreparedData.scored_with`)."""
+        split, logits = batch["split"], self._logits(batch).float()
+        for each in (split, *self._same_rows_as(split)):
+            self._record(logits, batch["labels"], each if each in ("test", NATURAL) else f"best_{each}", each)
+
+    def _same_rows_as(self, split: str) -> list[str]:
+        scored_with = self.data.scored_with if self.data is not None else {}
+        return [other for other, source in scored_with.items() if source == split]
 
     def on_validation_epoch_start(self) -> None:
         self.outputs = {}

@@ -14,6 +14,7 @@ class PreparedData:
     pad_length: int | None  # every batch's width, or None when each batch pads to its own longest row
     tokenization: dict  # label names and padding rule, saved in checkpoints (SpamDataModule.describe)
     class_shares: dict[str, float] = field(default_factory=dict)  # each class's share of the file
+    scored_with: dict[str, str] = field(default_factory=dict)  # split -> the split holding the same rows, scored once
 
     @property
     def label_names(self) -> list[str]:

@@ -47,6 +47,14 @@ def natural_frame(everything: pd.DataFrame, used: pd.DataFrame, splits: dict[str
     return natural[~natural["text"].isin(seen)].reset_index(drop=True)
 
 
+def same_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Whether two splits hold the same texts with the same labels in the same order. Order counts: scored in the
+    same batches, the two give the very same numbers (a multiset match would be batched, and summed, differently);
+    the natural set starts with the test split in its order, so when it is the test split it matches in order."""
+    columns = ["text", "label"]
+    return len(a) == len(b) and a[columns].reset_index(drop=True).equals(b[columns].reset_index(drop=True))
+
+
 def sample_at_most(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
     """At most `limit` rows of `frame` drawn with `random_state=seed`, in the frame's order (None: every row)."""
     if limit is None or len(frame) <= limit:

@@ -366,3 +366,39 @@ def test_natural_max_above_the_set_keeps_it_whole_and_must_be_positive(sms_modul
     for bad in (0, -5, 2.5):
         with pytest.raises(InvalidOption, match=r"^natural_max=.* is not valid; choose a positive number"):
             SpamDataModule(natural_max=bad)
+
+
+# ------------------------------------------------------------------------------------- natural set = test split
+def _loaded_splits(dm) -> list[str]:
+    loaders = dm.test_dataloader()
+    return [loader.collate_fn.split for loader in (loaders if isinstance(loaders, list) else [loaders])]
+
+
+def test_a_natural_set_equal_to_the_test_split_is_scored_once(tmp_path, caplog_info):
+    rows = ["text,label"] + [f"message {i},{'spam' if i % 3 == 0 else 'ham'}" for i in range(90)]
+    dm = SpamDataModule(path=_write(tmp_path / "d.csv", "\n".join(rows)), balance=False)
+    dm.setup()
+    assert dm.frames["natural"][["text", "label"]].equals(dm.frames["test"][["text", "label"]].reset_index(drop=True))
+    assert dm.natural_is_test and dm.scored_with() == {}  # by default only the test split is evaluated
+    dm.evaluate_on((*SPLITS, "natural"))
+    assert dm.scored_with() == {"natural": "test"} and dm.prepared().scored_with == {"natural": "test"}
+    assert _loaded_splits(dm) == ["train", "val", "test"]
+    assert caplog_info.text.count("natural set = test split: scored once") == 1
+    dm.evaluate_on(("natural",))  # asked for alone, it has a loader of its own
+    assert dm.scored_with() == {} and _loaded_splits(dm) == ["natural"]
+
+
+def test_a_natural_set_other_than_the_test_split_keeps_its_own_pass(sms_module, tmp_path):
+    sms_module.evaluate_on((*SPLITS, "natural"))
+    try:  # balanced: the natural set holds the ham balancing left out
+        assert not sms_module.natural_is_test and sms_module.prepared().scored_with == {}
+        assert _loaded_splits(sms_module) == ["train", "val", "test", "natural"]
+    finally:
+        sms_module.evaluate_on(("test",))
+    rows = ["text,label"] + [f"message {i},{'spam' if i % 3 == 0 else 'ham'}" for i in range(90)]
+    capped = SpamDataModule(path=_write(tmp_path / "d.csv", "\n".join(rows)), balance=False, natural_max=5)
+    capped.setup()  # natural_max cuts it below the test split
+    assert len(capped.frames["natural"]) == 5 and not capped.natural_is_test
+    repeated = SpamDataModule(path=_write(tmp_path / "r.csv", "\n".join(rows + rows[1:])), balance=False)
+    repeated.setup()  # test texts also in train are not in the natural set
+    assert len(repeated.frames["natural"]) < len(repeated.frames["test"]) and not repeated.natural_is_test
