@@ -19,6 +19,7 @@ import csv
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -58,10 +59,19 @@ def model_source(args: argparse.Namespace) -> tuple[str, dict]:
 def iter_texts(path: str, text_column: str = "text", encoding: str = "utf-8") -> Iterator[str]:
     """Stream the messages of a .txt, .csv or .tsv file without reading it whole."""
     file = Path(path)
+    if file.is_dir():
+        raise DataError(f"{path}: a folder without mail (.eml files, mbox files or Maildirs); give mail, or a .txt, "
+                        f".csv or .tsv file of messages, with --input")
     if not file.is_file():
         raise DataError(f"{path}: input file not found; fix --input")
     suffix = file.suffix.lower()
-    with open(file, encoding=encoding, newline="") as fh:
+    try:
+        fh = open(file, encoding=encoding, newline="")
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror}); fix its permissions or --input") from None
+    except LookupError:
+        raise DataError(f"--encoding {encoding}: no such text encoding; use e.g. utf-8 or latin-1") from None
+    with fh:
         lines = _numbered(fh, path, encoding)
         if suffix not in (".csv", ".tsv"):
             for _, line in lines:
@@ -107,6 +117,14 @@ def input_records(path: str, text_column: str, encoding: str,
     if is_mail_source(path):
         return iter_mail(path, headers)
     return ((None, text) for text in iter_texts(path, text_column, encoding))
+
+
+def check_input(path: str, text_column: str, encoding: str) -> None:
+    """Fail at once on an --input that is missing, unreadable or of the wrong kind (a folder without mail, a CSV
+    without the text column): its first message is read. Mail headers change a message's text, never whether it
+    is read, so none are needed for this."""
+    with closing(iter(input_records(path, text_column, encoding, ()))) as records:
+        next(records, None)
 
 
 def predict_stream(classifier, records: Iterable[tuple[str | None, str]], out, batch_tokens: int = 2048,
@@ -178,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"{target.parent}: output folder does not exist; create it or fix --output")
         method = explain_method(args)
         path, options = model_source(args)
+        if args.input is not None:  # before the model loads: a mistyped path fails in a second, not after the load
+            check_input(args.input, args.text_column, args.encoding)
         classifier = spamclf.load(path, **options)
         precision = classifier.precision
         print(f"precision {precision.requested} -> {precision.name}: {precision.reason}", file=sys.stderr)
