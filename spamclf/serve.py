@@ -55,6 +55,8 @@ BATCH_TIMEOUT = 0.005
 MAX_EXPLAIN_TEXTS = 8
 ONNX_REFUSAL = ('"explain" needs the torch network: this server runs an ONNX graph, which cannot be explained; '
                 "serve the checkpoint with --ckpt")
+OFF_REFUSAL = '"explain" is off on this server (started with --no-explain); start it without that flag to explain'
+
 
 
 class PredictRequest(BaseModel):
@@ -63,7 +65,7 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     # Set by `build_server` before the server starts; LitServe forks its API servers, which keep it.
     max_texts: ClassVar[int] = 256
-    explainable: ClassVar[bool] = True  # False on a server of an ONNX graph
+    refusal: ClassVar[str | None] = None  # why "explain" is refused (an ONNX graph, --no-explain); None: explained
     text: str | None = Field(default=None, description="a message to classify")
     texts: list[str] | None = Field(default=None, min_length=1, description="messages to classify, answered in order")
     explain: bool = Field(default=False, description="add each word's contribution under \"explanation\"")
@@ -86,9 +88,9 @@ class PredictRequest(BaseModel):
         return self
 
     def check_explainable(self, count: int) -> None:
-        if not type(self).explainable:
+        if type(self).refusal:
             # Not a ValueError: pydantic would make it a 422; FastAPI answers an HTTPException as it is.
-            raise HTTPException(400, ONNX_REFUSAL)
+            raise HTTPException(400, type(self).refusal)
         if count > MAX_EXPLAIN_TEXTS:
             raise ValueError(f'"explain" takes at most {MAX_EXPLAIN_TEXTS} texts in one request, and "texts" holds '
                              f"{count}; send several requests")
@@ -168,19 +170,26 @@ class ExplainingAPI(ModelAPI):
 
 class Server(ls.LitServer):
     """A LitServer whose own routes (/info; / and /health, which `KeyCheck` leaves open) ask the classifying API's
-    `authorize` when it serves an explaining one too. LitServe 0.2.19's `LitServer.setup_auth()` looks for
-    `authorize` on `self.lit_api`, which is then the list of APIs, and finds none: /info would answer without the
-    key. tests/test_serve_ops.py's 401 test of /info fails if a LitServe release changes this."""
+    `authorize` when it serves an explaining one too."""
 
     def setup_auth(self, lit_api: ls.LitAPI | None = None):
-        return super().setup_auth(lit_api or (self.lit_api[0] if isinstance(self.lit_api, list) else None))
+        return litserve_route_auth(super().setup_auth, self.lit_api, lit_api)
+
+
+def litserve_route_auth(setup_auth, apis, lit_api: ls.LitAPI | None):
+    """LitServe 0.2.19's `LitServer.setup_auth()` (undocumented) looks for `authorize` on `self.lit_api`, which a
+    server of several APIs sets to their list, finds none and leaves its own routes open: /info would answer without
+    the key (Lightning-AI/LitServe#659). Ask the first API instead. tests/test_upstream.py fails when a LitServe
+    release fixes this or changes the method; tests/test_serve_ops.py checks /info's 401."""
+    return setup_auth(lit_api or (apis[0] if isinstance(apis, list) else None))
 
 
 def build_server(model: str, options: dict | None = None, max_batch_size: int = MAX_BATCH_SIZE,
                  batch_timeout: float = BATCH_TIMEOUT, max_body_bytes: int = 1 << 20, batch_tokens: int = 2048,
-                 timeout: float = 30, max_texts: int = 256, api_key: str | None = None):
+                 timeout: float = 30, max_texts: int = 256, api_key: str | None = None, explain: bool = True):
     """A server of the classifier `spamclf.load(model, **options)` opens (a .ckpt or .onnx path), open to callers
-    with `api_key` (everyone when None). Run it inside `spamclf.metrics.metrics_folder()` for /metrics."""
+    with `api_key` (everyone when None). `explain`: a second worker, with its own copy of the model, explains
+    (checkpoints only). Run it inside `spamclf.metrics.metrics_folder()` for /metrics."""
     options = dict(options or {})
     # Read once here for /info (a bad file fails here, in one line); the inference worker loads its own copy.
     classifier = spamclf.load(model, **options)
@@ -188,12 +197,13 @@ def build_server(model: str, options: dict | None = None, max_batch_size: int = 
     del classifier
     release_freed_memory()  # this process (and the API servers LitServe forks from it) no longer holds the model
     model_format = Path(model).suffix.lower().lstrip(".")
-    PredictRequest.max_texts, PredictRequest.explainable = max_texts, model_format == "ckpt"
+    PredictRequest.max_texts = max_texts
+    PredictRequest.refusal = ONNX_REFUSAL if model_format != "ckpt" else None if explain else OFF_REFUSAL
     key_check = KeyCheck(api_key)
     apis = [SpamClassifierAPI(model, options, batch_tokens, key_check, max_batch_size=max_batch_size,
                               batch_timeout=batch_timeout)]
     middlewares = [page_middleware()]
-    if PredictRequest.explainable:  # a second worker, with its own copy of the model, for explanations
+    if PredictRequest.refusal is None:  # a second worker, with its own copy of the model, for explanations
         apis.append(ExplainingAPI(model, options, batch_tokens, key_check))
         middlewares.append(explain_route_middleware())
     device = options.get("device") or "cpu"
@@ -224,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         api_key = read_api_key(args.api_key_file)  # before the model loads: a bad key file fails at once
         model, options = model_source(args)
         server = build_server(model, options, args.max_batch_size, args.batch_timeout, args.max_body_bytes,
-                              args.batch_tokens, max_texts=args.max_texts, api_key=api_key)
+                              args.batch_tokens, max_texts=args.max_texts, api_key=api_key,
+                              explain=not args.no_explain)
     except SpamclfError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -252,6 +263,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-texts", type=int, default=256, help='most texts in one request\'s "texts"')
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per model batch (as spamclf.predict)")
+    parser.add_argument("--no-explain", action="store_true",
+                        help='no explaining worker (it holds a second copy of the model): "explain" answers 400')
     return parser
 
 

@@ -191,3 +191,21 @@ def test_a_killed_servers_metrics_folder_is_removed_by_the_next_start(tmp_path):
     other.mkdir()
     remove_abandoned_folders(tmp_path)
     assert not abandoned.exists() and live.is_dir() and other.is_dir()
+
+
+def test_no_explain_serves_without_the_explaining_worker_and_says_so(tiny_run):
+    import psutil
+
+    from spamclf.serve import OFF_REFUSAL
+
+    base, proc = start_server(["--ckpt", str(tiny_run / "checkpoints" / "last.ckpt"), "--precision", "fp32",
+                               "--no-explain"], tiny_run / "no-explain-server.log", ROOT, wait_s=120)
+    try:
+        status, answer = http_request(base + "/predict", {"text": "hi"})
+        assert status == 200 and answer["label"] in ("ham", "spam")
+        assert http_request(base + "/predict", {"text": "hi", "explain": True}) == (400, {"detail": OFF_REFUSAL})
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 1  # the classifying worker only: one copy of the model
+    finally:
+        stop_server(proc)

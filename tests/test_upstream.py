@@ -33,3 +33,20 @@ def test_lightning_restarts_ddp_ranks_as_one_run_of_the_sweep_job(tmp_path, monk
     assert "-m" not in args and "seed=5,7" not in args, command  # not the whole sweep again
     assert args[:2] == ["model=gpt2-tiny", "seed=7"] and f'hydra.run.dir="{job}"' in args, command
     assert cwd == str(tmp_path)
+
+
+def test_litserve_leaves_its_own_routes_open_on_a_server_of_several_apis():
+    """spamclf.serve.litserve_route_auth exists because of this (Lightning-AI/LitServe#659, LitServe 0.2.19): when
+    it fails, LitServe asks an API's `authorize` itself; drop the shim."""
+    import litserve as ls
+
+    class Keyed(ls.test_examples.SimpleLitAPI):
+        def authorize(self, request):
+            raise AssertionError("never called here")
+
+    class Other(ls.test_examples.SimpleLitAPI):
+        pass
+
+    server = ls.LitServer([Keyed(), Other(api_path="/other")], accelerator="cpu")
+    assert server.setup_auth() is not server.lit_api[0].authorize  # the list has no `authorize`: routes stay open
+    assert server.setup_auth(server.lit_api[0]) == server.lit_api[0].authorize  # the argument the shim passes
