@@ -23,6 +23,7 @@ from benchmarks.models import checkpoint_and_messages, model_flags
 from benchmarks.processes import tree_rss
 
 SERVE_CONCURRENCY = (1, 8, 32, 128)
+BRACKET_REQUESTS = 1000
 
 
 def _free_port() -> int:
@@ -85,9 +86,18 @@ def case_serve(args, engine: str | None = None) -> dict:
             idle, idle_pss = tree_rss(watched), tree_rss(watched, proportional=True)
             threading.Thread(target=sample, daemon=True).start()
             try:
+                first = _bracket(port, texts, watched, min(BRACKET_REQUESTS, args.serve_requests))
                 levels = {c: {**_load(port, texts, c, args.serve_requests), "rss_after": tree_rss(watched),
                               "pss_after": tree_rss(watched, proportional=True)} for c in SERVE_CONCURRENCY}
+                last = _bracket(port, texts, watched, first["requests"])
             finally:
                 stop.set()
     return {"levels": levels, "peak_rss": max(samples) if samples else 0, "rss_idle": idle, "pss_idle": idle_pss,
-            "engine": engine, "precision": engine.split(":")[1]}
+            "engine": engine, "precision": engine.split(":")[1], "first_1000": first, "last_1000": last}
+
+
+def _bracket(port: int, texts: list[str], watched: psutil.Process, requests: int) -> dict:
+    """`requests` (1,000 at most) at concurrency 32, then the server's memory: run before the levels and after
+    them, the two say whether memory grows with the requests served."""
+    return {**_load(port, texts, 32, requests), "rss_after": tree_rss(watched),
+            "pss_after": tree_rss(watched, proportional=True)}

@@ -72,6 +72,9 @@ def test_benchmark_runs_in_tiny_mode(tiny_bench):
     levels = [line.split() for line in served[2:6]]
     assert [int(r[0]) for r in levels] == [1, 8, 32, 128] and all(int(r[2]) == 0 and float(r[3]) > 0 for r in levels)
     assert all(r[-1].endswith("%") and 0 <= float(r[-1][:-1]) <= 200 for r in levels)  # the client's own CPU share
+    memory = next(line for line in served if line.strip().startswith("memory:"))
+    assert "after the first 40 requests" in memory and "after the last 40" in memory and "; 0 of them failed" in memory
+    assert "of the CLI's" in next(line for line in served if line.strip().startswith("at concurrency 32:"))
 
 
 def test_user_mistakes_end_in_one_line_before_any_case_runs():
