@@ -250,13 +250,15 @@ def _scale(results: dict) -> list[str]:
                  f"file above {first['cache_cap_mb']} MB a split), 1 epoch, batch {first['batch_size']}, over N "
                  "distinct messages made from the SMS collection; seconds per 1,000 messages of each stage's input",
              f"  {'messages':>9}" + "".join(f"{stage:>13}" for stage in STAGES)
-             + f"{'train RSS GB':>14}{'predict RSS GB':>16}{'spilled':>20}"]
+             + f"{'train RSS GB':>14}{'of it file':>12}{'predict RSS GB':>16}{'spilled':>20}"]
     for row in rows:
         lines.append(f"  {row['messages']:>9}" + "".join(f"{_per_1000(row, stage):>13.4f}" for stage in STAGES)
-                     + f"{row['train_rss'] / GB:>14.2f}{row['predict_rss'] / GB:>16.2f}"
-                     f"{','.join(row['spilled']) or '-':>20}")
-    lines.append(f"  read: the file is read {first['reads']} times a run (the label names, then the data); "
-                 "predict: after the model is loaded")
+                     + f"{row['train_rss'] / GB:>14.2f}{row['train_rss_file'] / GB:>12.2f}"
+                     f"{row['predict_rss'] / GB:>16.2f}{','.join(row['spilled']) or '-':>20}")
+    lines += [f"  read: the file is read {first['reads']} times a run (the label names, then the data); "
+              "predict: after the model is loaded",
+              "  of it file: file pages in the training process's peak RSS (sampled), the libraries' and the spilled "
+              "caches': a spilled cache's file is mapped, and its pages stay resident until the kernel reclaims them"]
     largest = rows[-1]
     if len(rows) > 1:
         before = rows[-2]

@@ -95,7 +95,8 @@ def one_size(n: int, args) -> dict:
     if prediction["messages"] != n:
         raise SystemExit(f"error: scale case: predict wrote {prediction['messages']} of {n} predictions")
     stages = {**trained["stages"], "predict": {k: prediction[k] for k in ("seconds", "messages")}}
-    return {"messages": n, "stages": stages, "train_rss": train_rss, "predict_rss": prediction["peak_rss"],
+    return {"messages": n, "stages": stages, "train_rss": train_rss, "train_rss_file": trained["peak_file"],
+            "predict_rss": prediction["peak_rss"],
             "predict_load_s": prediction["load_s"], "generate_s": generate_s,
             **{k: trained[k] for k in ("reads", "spilled", "rows", "batch_size", "cache_cap_mb", "model")}}
 

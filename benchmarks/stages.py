@@ -5,6 +5,7 @@ data module is a subclass chosen with `data._target_`, the clock a callback adde
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,14 +122,38 @@ def stage_rows(seconds: dict[str, float], rows: dict[str, int]) -> dict[str, dic
             "evaluate": {"seconds": seconds["evaluation"] - cache["test"], "messages": everything}}
 
 
+@contextmanager
+def resident_peak():
+    """{rss, file}: this process's resident memory at its highest (sampled) and how much of it was file pages.
+    A spilled prefix cache's file is mapped: its pages count as resident until the kernel reclaims them."""
+    import psutil
+
+    process, peak, stop = psutil.Process(), {"rss": 0, "file": 0}, threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.25):
+            info = process.memory_info()  # Linux: `shared` is the resident file pages (RssFile + RssShmem)
+            if info.rss > peak["rss"]:
+                peak.update(rss=info.rss, file=info.shared)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+
+
 def case_scale_train(args) -> dict:
     """One training run over --scale-data, its last.ckpt into --scale-out: each stage's seconds and messages, how
-    often the file was read, which splits' prefix caches spilled to their file."""
+    often the file was read, which splits' prefix caches spilled to their file, the file pages at the peak RSS."""
     from benchmarks.training import compose
     from spamclf.pipeline import run
 
     out = Path(args.scale_out)
-    run(compose(overrides(Path(args.scale_data), out, args.accelerator), out))
+    with resident_peak() as peak:
+        run(compose(overrides(Path(args.scale_data), out, args.accelerator), out))
     return {"stages": stage_rows(SECONDS, FACTS["rows"]), "reads": FACTS["reads"], "spilled": FACTS["spilled"],
             "rows": FACTS["rows"], "checkpoint": str(out / "last.ckpt"), "batch_size": BATCH_SIZE,
-            "cache_cap_mb": CACHE_CAP_MB, "model": SCALE_MODEL}
+            "cache_cap_mb": CACHE_CAP_MB, "model": SCALE_MODEL, "peak_file": peak["file"]}
