@@ -255,8 +255,8 @@ def _scale(results: dict) -> list[str]:
         lines.append(f"  {row['messages']:>9}" + "".join(f"{_per_1000(row, stage):>13.4f}" for stage in STAGES)
                      + f"{row['train_rss'] / GB:>14.2f}{row['train_rss_file'] / GB:>12.2f}"
                      f"{row['predict_rss'] / GB:>16.2f}{','.join(row['spilled']) or '-':>20}")
-    lines += [f"  read: the file is read {first['reads']} times a run (the label names, then the data); "
-              "predict: after the model is loaded",
+    lines += [f"  read: the file is read {first['reads']} times a run (the label names, then the data); split: "
+              "shuffling, cutting and writing the split files; predict: the CLI after the model is loaded",
               "  of it file: file pages in the training process's peak RSS (sampled), the libraries' and the spilled "
               "caches': a spilled cache's file is mapped, and its pages stay resident until the kernel reclaims them"]
     largest = rows[-1]

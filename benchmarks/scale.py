@@ -9,6 +9,7 @@ import csv
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 STAGES = ("read", "split", "tokenize", "prefix cache", "train epoch", "validate", "evaluate", "predict")
@@ -80,8 +81,6 @@ def predicted(checkpoint: str, messages: Path, out: Path, accelerator: str) -> d
 
 def one_size(n: int, args) -> dict:
     """Generate n messages, train on them in a process of its own, predict them in another."""
-    import time
-
     from benchmarks.harness import run_case
 
     with tempfile.TemporaryDirectory(prefix="spamclf-scale-") as tmp:
