@@ -4,6 +4,7 @@ all-layers training, a learning-rate sweep and prediction throughput. Prints num
     python -m benchmarks                         # everything, gpt2-small-sized, 5 epochs (~50 min on 2 cores)
     python -m benchmarks --cases fast,peer --epochs 1 --model gpt2-tiny --predict-lines 2000   # seconds
     python -m benchmarks --cases fast,sweep --sweep-trials 8   # one train.py run vs an 8-trial multirun, per launcher
+    python -m benchmarks --cases scale   # gpt2-tiny on 10^4, 10^5, 10^6 messages: s/1,000 msgs per stage, peak RSS
 
 Weights are random (the open weights cannot be downloaded everywhere); shapes and FLOPs are what
 matter for speed, and accuracy is reported next to the book's numbers for the same random start.

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import benchmarks
-from benchmarks.cases import ABLATIONS, CASES, FLOORED, KNOWN, PREDICT_ENGINES
+from benchmarks.cases import ABLATIONS, CASES, FLOORED, KNOWN, OPT_IN, PREDICT_ENGINES
+from benchmarks.scale import DEFAULT_SIZES, scale_sizes
 from spamclf.errors import SpamclfError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=benchmarks.__doc__.split("\n\n")[0])
     p.add_argument("--cases", default=",".join(CASES),
-                   help=f"comma-separated subset of {', '.join(CASES)}, ablations or {', '.join(ABLATIONS)}")
+                   help=f"comma-separated subset of {', '.join(CASES)}, ablations or {', '.join(ABLATIONS)}; "
+                        f"not run unless named: {', '.join(OPT_IN)}")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--model", default="gpt2-small", help="a model preset (gpt2-tiny for a smoke check)")
     p.add_argument("--sweep-trials", type=int, default=8, help="trials of the sweep case's learning-rate multirun")
@@ -37,8 +39,12 @@ def parser() -> argparse.ArgumentParser:
                    help='spamclf.serve flags for the serve cases, as one argument: --serve-flags="--max-batch-size 32"')
     p.add_argument("--runs", default="", help="int8_accuracy: comma-separated run folders (checkpoints/last.ckpt, "
                    "validation.csv, test.csv, natural.csv)")
+    p.add_argument("--scale-sizes", default=DEFAULT_SIZES,
+                   help="the scale case's numbers of messages (it always trains gpt2-tiny, one epoch)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--scale-data", help=argparse.SUPPRESS)  # one size's training run: its messages and run folder
+    p.add_argument("--scale-out", help=argparse.SUPPRESS)
     return p
 
 
@@ -56,11 +62,11 @@ def child(case: str, args) -> None:
     """Run one case in this process and print its result as one `BENCH {json}` line."""
     import logging
 
-    from benchmarks import prediction, serving, sweep, training
+    from benchmarks import prediction, scale, serving, stages, sweep, training
 
     logging.basicConfig(level=logging.WARNING)
     cases = {"peer": training.case_peer, "sweep": sweep.case_sweep, "predict": prediction.case_predict,
-             "serve": serving.case_serve,
+             "serve": serving.case_serve, "scale": scale.case_scale, "scale_train": stages.case_scale_train,
              "cold_start": prediction.case_cold_start, "int8_accuracy": prediction.case_int8_accuracy,
              "serve_int8": lambda a: serving.case_serve(a, "onnx:int8"),
              **{name: (lambda a, e=engine: prediction.case_predict(a, e)) for name, engine in PREDICT_ENGINES.items()}}
@@ -116,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = selected(args.cases)
         if args.sweep_trials < 2:
             raise SpamclfError(f"--sweep-trials {args.sweep_trials}: a sweep needs at least 2 trials")
+        if "scale" in cases:
+            scale_sizes(args.scale_sizes)
         if args.json and not Path(args.json).resolve().parent.is_dir():  # found out now, not after the cases ran
             raise SpamclfError(f"--json {args.json}: its folder does not exist; create it or choose another path")
     except SpamclfError as error:  # one line, no traceback; a child's reaches the parent's "case failed" line

@@ -9,6 +9,7 @@ from benchmarks.cases import ABLATIONS, FLOORED
 from benchmarks.floors import FLOOR_NOTE, floor
 from benchmarks.flops import gflops, prediction_flops, training_phases
 from benchmarks.profiler import op_table, step_table
+from benchmarks.scale import STAGES
 
 GB = 1024**3
 # The book's own script, same recipe, measured on a 2-core AMD EPYC virtual machine (docs/speed.md).
@@ -16,13 +17,16 @@ BOOK = {"script_min": 16.2, "script_rss_gb": 1.33, "script_cpu": "a 2-core AMD E
 SWEEP_GOALS = {3: 2.0, 8: 3.0}  # trials: the most a sweep's wall may be, in single runs
 SERVE_GOAL_CONCURRENCY = 32  # the level compared with the CLI
 ENGINE_CASES = ("predict_fp32", "predict", "predict_onnx", "predict_int8")
+SCALE_RATIO_GOAL = 1.2  # a stage's seconds per 1,000 messages, largest size against the next
+SCALE_RSS_GOALS_GB = {"training": 4.0, "prediction": 2.0}  # peak RSS at the largest size
 
 
 def report(results: dict, setting: dict) -> str:
     sections = [_header(results, setting), _training(results), _floors(results), _comparisons(results),
                 _ablations(results), _sweep(results),
                 *(_serve(results, name) for name in ("serve", "serve_int8") if name in results),
-                _engines(results, setting), _int8_accuracy(results), _prediction(results), _profiles(results)]
+                _engines(results, setting), _int8_accuracy(results), _prediction(results), _scale(results),
+                _profiles(results)]
     return "\n".join(line for section in sections for line in section)
 
 
@@ -231,6 +235,51 @@ def _prediction(results: dict) -> list[str]:
             f"{r['lines'] / r['wall_s']:.0f} messages/s (start-up included), ~{r['mean_tokens']:.1f} tokens/message, "
             f"{gflops(prediction_flops(r), r['wall_s'])} GFLOP/s; peak RSS {rss / GB:.2f} GB (first quarter "
             f"{r['rss_first_quarter'] / GB:.2f} GB, rest {r['rss_rest'] / GB:.2f} GB)"]
+
+
+def _per_1000(row: dict, stage: str) -> float:
+    """Seconds per 1,000 messages of the stage's own input."""
+    part = row["stages"][stage]
+    return part["seconds"] / part["messages"] * 1000
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "missed"
+
+
+def _scale(results: dict) -> list[str]:
+    """The scale case: each stage's seconds per 1,000 messages and the peak RSS per size, then the largest size
+    against the next (the linearity goal) and against the memory goals."""
+    if "scale" not in results:
+        return []
+    rows = results["scale"][0]["sizes"]
+    first = rows[0]
+    lines = ["", f"scale: {first['model']} (random weights, last block trained on the prefix cache, which lives in a "
+                 f"file above {first['cache_cap_mb']} MB a split), 1 epoch, batch {first['batch_size']}, over N "
+                 "distinct messages made from the SMS collection; seconds per 1,000 messages of each stage's input",
+             f"  {'messages':>9}" + "".join(f"{stage:>13}" for stage in STAGES)
+             + f"{'train RSS GB':>14}{'of it file':>12}{'predict RSS GB':>16}{'spilled':>20}"]
+    for row in rows:
+        lines.append(f"  {row['messages']:>9}" + "".join(f"{_per_1000(row, stage):>13.4f}" for stage in STAGES)
+                     + f"{row['train_rss'] / GB:>14.2f}{row['train_rss_file'] / GB:>12.2f}"
+                     f"{row['predict_rss'] / GB:>16.2f}{','.join(row['spilled']) or '-':>20}")
+    lines += [f"  read: the file is read {first['reads']} times a run (the label names, then the data); split: "
+              "shuffling, cutting and writing the split files; predict: the CLI after the model is loaded",
+              "  of it file: file pages in the training process's peak RSS (sampled), the libraries' and the spilled "
+              "caches': a spilled cache's file is mapped, and its pages stay resident until the kernel reclaims them"]
+    largest = rows[-1]
+    if len(rows) > 1:
+        before = rows[-2]
+        lines.append(f"  {largest['messages']} against {before['messages']} messages, seconds per 1,000 (goal: at "
+                     f"most {SCALE_RATIO_GOAL:g}x):")
+        for stage in STAGES:
+            ratio = _per_1000(largest, stage) / _per_1000(before, stage)
+            lines.append(f"    {stage:<14}{ratio:>7.2f}x {_verdict(ratio <= SCALE_RATIO_GOAL)}")
+    for process, key in (("training", "train_rss"), ("prediction", "predict_rss")):
+        goal = SCALE_RSS_GOALS_GB[process]
+        lines.append(f"  peak RSS of {process} at {largest['messages']} messages: {largest[key] / GB:.2f} GB "
+                     f"(goal: under {goal:g} GB) {_verdict(largest[key] / GB < goal)}")
+    return lines
 
 
 def _profiles(results: dict) -> list[str]:

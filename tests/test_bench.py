@@ -227,3 +227,83 @@ def test_the_report_prints_each_cases_floor_and_the_sweeps_ratios():
                            f"{14 / floor(sweep, sweep['rates'], 3)['total']:.1f}"]
     assert rows[2][2:5] == ["30.0", "3.00", "met"] and rows[4][2:6] == ["25.0", "2.50", "met", "2.3"]
     assert rows[3][2:6] == ["15.0", "1.50", "met", "3.0"]
+
+
+def test_the_scale_case_makes_distinct_labelled_messages_the_package_reads(tmp_path):
+    from benchmarks.scale import generated_messages, write_messages
+    from spamclf.reading import SMS_FILE, read_labelled_file
+    from spamclf.tokenizer import asset_path
+
+    texts, labels = generated_messages(3000)
+    assert len(texts) == len(set(texts)) == len(labels) == 3000 and set(labels) == {"ham", "spam"}
+    assert (texts, labels) == generated_messages(3000) and generated_messages(3000, seed=7)[0] != texts
+    sms = read_labelled_file(asset_path(SMS_FILE))
+    labels_of: dict[str, set] = {}
+    for text, label in zip(sms["text"], sms["label"]):
+        labels_of.setdefault(" ".join(text.split()), set()).add(label)
+    for text, label in zip(texts, labels):  # an SMS message, its label kept, then one to four more words
+        words = text.split()
+        firsts = [" ".join(words[:k]) for k in range(len(words) - 4, len(words)) if k > 0]
+        assert any(label in labels_of.get(first, ()) for first in firsts), text
+    data, lines = write_messages(tmp_path, texts, labels)
+    frame = read_labelled_file(data)  # as data=csv data.path=… reads it
+    assert frame["text"].tolist() == texts and frame["label"].tolist() == labels
+    assert lines.read_text().splitlines() == texts
+
+
+def test_scale_size_mistakes_end_in_one_line_before_any_case_runs():
+    for spec, message in (("2000,x", "not a comma-separated list of whole numbers"),
+                          ("500,2000", "each size needs at least 1,000 messages")):
+        bad = _bench("--cases", "scale", "--scale-sizes", spec, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+        assert bad.stderr.startswith(f"error: --scale-sizes {spec}: {message}")
+
+
+def test_the_scale_case_times_every_stage_of_each_size_and_reports_them(tmp_path):
+    from benchmarks.scale import STAGES
+
+    raw = tmp_path / "results.json"
+    proc = _bench("--cases", "scale", "--scale-sizes", "2000,4000", f"--json={raw}", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(raw.read_text())["scale"]["result"]["sizes"]
+    assert [row["messages"] for row in rows] == [2000, 4000]
+    for row in rows:
+        assert list(row["stages"]) == list(STAGES) and row["reads"] == 2
+        assert all(part["seconds"] > 0 and part["messages"] > 0 for part in row["stages"].values()), row["stages"]
+        assert sum(row["rows"].values()) == row["messages"] == row["stages"]["predict"]["messages"]
+        assert row["stages"]["train epoch"]["messages"] == row["rows"]["train"] // 64 * 64  # batch 64, drop_last
+        assert 0 < row["train_rss"] < 4 * 1024**3 and 0 < row["predict_rss"] < 2 * 1024**3
+        assert 0 < row["train_rss_file"] < row["train_rss"]  # sampled: at most the kernel's peak
+    section = proc.stdout.split("\nscale: ")[1].splitlines()
+    printed = {line.split()[0]: line.split() for line in section[2:4]}
+    for row in rows:
+        per_1000 = [row["stages"][s]["seconds"] / row["stages"][s]["messages"] * 1000 for s in STAGES]
+        assert [float(v) for v in printed[str(row["messages"])][1:9]] == pytest.approx(per_1000, abs=1e-4)
+    verdicts = [line.split() for line in section if line.endswith(("met", "missed")) and "peak RSS" not in line]
+    assert [v[0] for v in verdicts] == [s.split()[0] for s in STAGES] and all(v[-2].endswith("x") for v in verdicts)
+    assert "peak RSS of training at 4000 messages" in proc.stdout
+
+
+def _scale_row(messages: int, seconds: float, train_gb: float, predict_gb: float) -> dict:
+    from benchmarks.scale import STAGES
+
+    return {"messages": messages, "model": "gpt2-tiny", "cache_cap_mb": 128, "batch_size": 64, "reads": 2,
+            "spilled": ["train"], "train_rss": train_gb * 1024**3, "train_rss_file": train_gb / 4 * 1024**3,
+            "predict_rss": predict_gb * 1024**3,
+            "stages": {stage: {"seconds": seconds * (2 if stage == "evaluate" else 1), "messages": messages}
+                       for stage in STAGES}}
+
+
+def test_the_scale_report_sets_the_largest_size_against_the_next_and_the_memory_goals():
+    setting = {"model": "gpt2-tiny", "epochs": 1, "cpu": "a CPU", "cores": 2, "torch": "x", "cpu_header": "CPU: x"}
+    rows = [_scale_row(100_000, 10.0, 1.0, 0.5), _scale_row(1_000_000, 110.0, 4.5, 1.5)]
+    rows[1]["stages"]["predict"]["seconds"] = 130.0  # 1.3x the smaller size's rate
+    text = report({"scale": ({"sizes": rows}, 2**30)}, setting)
+    section = text.split("\nscale: ")[1].splitlines()
+    assert section[2].split()[1:9] == ["0.1000"] * 6 + ["0.2000", "0.1000"]
+    assert section[3].split()[-4:] == ["4.50", "1.12", "1.50", "train"]
+    verdicts = {line.split()[0]: line.split()[-2:] for line in section if line.endswith(("met", "missed"))}
+    assert verdicts["read"] == ["1.10x", "met"] and verdicts["evaluate"] == ["1.10x", "met"]
+    assert verdicts["predict"] == ["1.30x", "missed"]
+    assert "peak RSS of training at 1000000 messages: 4.50 GB (goal: under 4 GB) missed" in text
+    assert "peak RSS of prediction at 1000000 messages: 1.50 GB (goal: under 2 GB) met" in text
