@@ -37,9 +37,10 @@ def _backend(path: str | os.PathLike) -> tuple[type, str]:
 
 def load(path: str | os.PathLike, **options):
     """The classifier in `path`: `spamclf.inference.Classifier` (torch) for a .ckpt written by train.py — options
-    `device` ("cpu", "cuda", ...) and `precision` (auto, bf16, fp16, fp32) — or
+    `device` ("cpu", "cuda", ...), `precision` (auto, bf16, fp16, fp32) and `threads` — or
     `spamclf.onnx_classifier.OnnxClassifier` (ONNX Runtime, no torch) for a .onnx written by
-    `python -m spamclf.export --format onnx` — option `threads`. Both have the same `predict`, `info`, `label_names`.
+    `python -m spamclf.export --format onnx` — option `threads` (0: the backend's own choice). Both have the same
+    `predict`, `info`, `label_names`.
     """
     from spamclf.errors import SpamclfError
 

@@ -97,8 +97,12 @@ class Classifier(TextClassifier):
         self.align = grid_align(model, readout.use_mask, self.pad_length, self.one_width)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", precision: str = "auto") -> Classifier:
-        """`precision`: auto (bf16 where the CPU or GPU runs it natively, else fp32), bf16, fp16 or fp32."""
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", precision: str = "auto",
+             threads: int = 0) -> Classifier:
+        """`precision`: auto (bf16 where the CPU or GPU runs it natively, else fp32), bf16, fp16 or fp32.
+        `threads`: torch's intra-op threads in this process (0: torch's own choice, one per core)."""
+        if threads:
+            torch.set_num_threads(threads)
         checkpoint = read_checkpoint(path)
         with checkpoint_errors(path):
             hparams = checkpoint["hyper_parameters"]

@@ -51,6 +51,10 @@ from spamclf.predict import add_model_flags, model_source
 # is classified while the next gathers); a 5 ms wait served a lone client 33-34 req/s against 25-27 with 10 ms.
 MAX_BATCH_SIZE = 16
 BATCH_TIMEOUT = 0.005
+# Inference workers on a CPU, sharing its cores (one thread each on 2 cores). Chosen by measurement
+# (docs/serving.md#load): OpenMP's threads of one worker wait for each other at every operation, and each wait
+# lasts as long as the core is busy elsewhere (the HTTP server, the other worker, anything else on the machine).
+CPU_WORKERS = 2
 # An explanation costs a forward pass per word: a few texts keep one request's answer within seconds.
 MAX_EXPLAIN_TEXTS = 8
 ONNX_REFUSAL = ('"explain" needs the torch network: this server runs an ONNX graph, which cannot be explained; '
@@ -186,11 +190,15 @@ def litserve_route_auth(setup_auth, apis, lit_api: ls.LitAPI | None):
 
 def build_server(model: str, options: dict | None = None, max_batch_size: int = MAX_BATCH_SIZE,
                  batch_timeout: float = BATCH_TIMEOUT, max_body_bytes: int = 1 << 20, batch_tokens: int = 2048,
-                 timeout: float = 30, max_texts: int = 256, api_key: str | None = None, explain: bool = True):
+                 timeout: float = 30, max_texts: int = 256, api_key: str | None = None, explain: bool = True,
+                 workers: int | None = None):
     """A server of the classifier `spamclf.load(model, **options)` opens (a .ckpt or .onnx path), open to callers
     with `api_key` (everyone when None). `explain`: a second worker, with its own copy of the model, explains
-    (checkpoints only). Run it inside `spamclf.metrics.metrics_folder()` for /metrics."""
+    (checkpoints only). `workers`: classifying processes (None: `worker_plan`'s choice). Run it inside
+    `spamclf.metrics.metrics_folder()` for /metrics."""
     options = dict(options or {})
+    device = options.get("device") or "cpu"
+    workers, threads = worker_plan(device, workers)
     # Read once here for /info (a bad file fails here, in one line); the inference worker loads its own copy.
     classifier = spamclf.load(model, **options)
     info = {**classifier.info(), "limits": {"max_texts": max_texts, "max_body_bytes": max_body_bytes}}
@@ -200,19 +208,20 @@ def build_server(model: str, options: dict | None = None, max_batch_size: int = 
     PredictRequest.max_texts = max_texts
     PredictRequest.refusal = ONNX_REFUSAL if model_format != "ckpt" else None if explain else OFF_REFUSAL
     key_check = KeyCheck(api_key)
+    options = {**options, "threads": threads} if threads else options
     apis = [SpamClassifierAPI(model, options, batch_tokens, key_check, max_batch_size=max_batch_size,
                               batch_timeout=batch_timeout)]
     middlewares = [page_middleware()]
     if PredictRequest.refusal is None:  # a second worker, with its own copy of the model, for explanations
         apis.append(ExplainingAPI(model, options, batch_tokens, key_check))
         middlewares.append(explain_route_middleware())
-    device = options.get("device") or "cpu"
     accelerator = "cuda" if device.startswith("cuda") else device
     # The metrics middleware (listed last: the outer one) counts the page's requests too, and explanations under
     # /predict, where they were asked for. /docs and /openapi.json cannot ask for a key, so a server with one goes
     # without them.
     middlewares.append(metrics_middleware(("/", PREDICT_PATH, "/info", "/health")))
-    server = Server(apis, accelerator=accelerator, devices=1, workers_per_device=1, timeout=timeout,
+    server = Server(apis, accelerator=accelerator, devices=1, workers_per_device=[workers, 1][:len(apis)],
+                    timeout=timeout,
                     model_metadata=info, max_payload_size=max_body_bytes, disable_openapi_url=key_check.required,
                     middlewares=middlewares)
     labels = {"sha256": info.get("sha256", "unknown"), "format": model_format}
@@ -221,10 +230,20 @@ def build_server(model: str, options: dict | None = None, max_batch_size: int = 
     return server
 
 
+def worker_plan(device: str, workers: int | None) -> tuple[int, int]:
+    """(classifying workers, threads each: 0 leaves it to the backend). On a CPU the workers share its cores."""
+    if not device.startswith("cpu"):
+        return workers or 1, 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = workers or min(CPU_WORKERS, cores)
+    return workers, max(1, cores // workers)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-texts", args.max_texts),
+                        ("--workers", args.workers or 1),
                         ("--max-body-bytes", args.max_body_bytes)):
         if value < 1:
             parser.error(f"{flag} must be at least 1")
@@ -235,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         model, options = model_source(args)
         server = build_server(model, options, args.max_batch_size, args.batch_timeout, args.max_body_bytes,
                               args.batch_tokens, max_texts=args.max_texts, api_key=api_key,
-                              explain=not args.no_explain)
+                              explain=not args.no_explain, workers=args.workers)
     except SpamclfError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -263,6 +282,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-texts", type=int, default=256, help='most texts in one request\'s "texts"')
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per model batch (as spamclf.predict)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"classifying processes, each with a copy of the model (default: {CPU_WORKERS} on a CPU, "
+                             "sharing its cores; 1 on a GPU)")
     parser.add_argument("--no-explain", action="store_true",
                         help='no explaining worker (it holds a second copy of the model): "explain" answers 400')
     return parser

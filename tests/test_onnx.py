@@ -190,9 +190,12 @@ def test_spamclf_load_refuses_what_the_backend_does_not_take_in_one_line(ckpt, e
     with pytest.raises(SpamclfError, match=r"^precision= is not an option for an ONNX graph \(.*\); it takes threads: "
                                            r"drop precision$"):
         spamclf.load(exported["fp32"], precision="bf16")
-    with pytest.raises(SpamclfError, match=r"^threads= is not an option for a checkpoint \(.*\); it takes device, "
-                                           r"precision"):
-        spamclf.load(ckpt, threads=2)
+    with pytest.raises(SpamclfError, match=r"^device= is not an option for an ONNX graph \(.*\); it takes threads: "
+                                           r"drop device$"):
+        spamclf.load(exported["fp32"], device="cpu")
+    with pytest.raises(SpamclfError, match=r"^batch_tokens= is not an option for a checkpoint \(.*\); it takes "
+                                           r"device, precision, threads: drop batch_tokens$"):
+        spamclf.load(ckpt, batch_tokens=2)
     probe = "import sys; sys.modules['onnxruntime'] = None; import spamclf.predict as p; sys.exit(p.main(sys.argv[1:]))"
     proc = subprocess.run([sys.executable, "-c", probe, "--onnx", str(exported["fp32"]), "--text", "hi"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

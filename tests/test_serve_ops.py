@@ -199,13 +199,24 @@ def test_no_explain_serves_without_the_explaining_worker_and_says_so(tiny_run):
     from spamclf.serve import OFF_REFUSAL
 
     base, proc = start_server(["--ckpt", str(tiny_run / "checkpoints" / "last.ckpt"), "--precision", "fp32",
-                               "--no-explain"], tiny_run / "no-explain-server.log", ROOT, wait_s=120)
+                               "--no-explain", "--workers", "3"], tiny_run / "no-explain-server.log", ROOT,
+                              wait_s=120)
     try:
         status, answer = http_request(base + "/predict", {"text": "hi"})
         assert status == 200 and answer["label"] in ("ham", "spam")
         assert http_request(base + "/predict", {"text": "hi", "explain": True}) == (400, {"detail": OFF_REFUSAL})
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                    if "spawn_main" in " ".join(p.cmdline())]
-        assert len(workers) == 1  # the classifying worker only: one copy of the model
+        assert len(workers) == 3  # the classifying workers only: no copy of the model for explanations
     finally:
         stop_server(proc)
+
+
+@pytest.mark.parametrize("device, workers, cores, plan", [("cpu", None, 2, (2, 1)), ("cpu", None, 16, (2, 8)),
+                                                          ("cpu", None, 1, (1, 1)), ("cpu", 3, 16, (3, 5)),
+                                                          ("cuda", None, 16, (1, 0)), ("cuda:1", 2, 16, (2, 0))])
+def test_the_worker_plan_shares_a_cpus_cores_between_the_workers(monkeypatch, device, workers, cores, plan):
+    from spamclf.serve import worker_plan
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert worker_plan(device, workers) == plan
