@@ -262,6 +262,8 @@ class SplitCaches:
                 return PrefixCache(flat, states.starts, states.stored, states.depth, None), states.built_by
             cache, built_by = build(), trial_label()
             write_states(path, key, StoredStates(cache.flat, cache.starts, cache.stored, cache.depth, built_by))
+            if cache.pages is not None:
+                cache.pages.drop()  # writing it read every page
             log.info("prefix cache (%s): written to %s", split, path)
             return cache, built_by
 
@@ -304,9 +306,14 @@ class SpillPages:
 
     def touched(self, positions: int, pieces: int = 1) -> None:
         self.since_drop += positions * self.position_bytes + pieces * READ_AROUND
-        if self.since_drop >= self.budget and hasattr(mmap, "MADV_DONTNEED") and not self.mapping.closed:
+        if self.since_drop >= self.budget:
+            self.drop()
+
+    def drop(self) -> None:
+        """Unmap every page of the file from this process (its data stays in the file)."""
+        if hasattr(mmap, "MADV_DONTNEED") and not self.mapping.closed:
             self.mapping.madvise(mmap.MADV_DONTNEED)
-            self.since_drop = 0
+        self.since_drop = 0
 
     def close(self) -> None:
         """Unmap, unless a tensor still views the mapping: then it goes with the last such tensor."""

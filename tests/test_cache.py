@@ -141,8 +141,8 @@ def test_a_spilled_cache_holds_the_in_memory_states_bit_for_bit_in_its_file(dtyp
     assert in_memory.path is None and spilled.path is not None and spilled.pages is not None
     assert torch.equal(spilled.flat, in_memory.flat)
     index = torch.randperm(len(rows))
+    spilled.pages.budget = 0
     for _ in range(3):  # every read drops the pages (budget 0): the data comes back from the file
-        spilled.pages.budget = 0
         assert torch.equal(spilled.gather(index, 20, torch.device("cpu"), dtype),
                            in_memory.gather(index, 20, torch.device("cpu"), dtype))
     raw = open(spilled.path, "rb").read()  # the tensor is the file, not a copy of it
@@ -196,3 +196,29 @@ def test_a_spilled_cache_keeps_only_a_budget_of_its_file_resident():
         cache.gather(index, 128, torch.device("cpu"), torch.float32)
     assert (_rss_file_kb() - before) * 1024 > 0.9 * cache.nbytes
     cache.close()
+
+
+def test_a_spilled_cache_written_to_the_shared_folder_reads_back_the_same_states(tmp_path):
+    from spamclf.cache import CacheSettings, PrefixCache, SplitCaches
+    from spamclf.loaders import EncodedSplit
+    from spamclf.prefix_store import STORE
+    from spamclf.prepared import PreparedData
+
+    torch.manual_seed(0)
+    clf = SpamClassifier("gpt2-tiny", weights="random", trainable_layers="last_block")
+    rows = _random_rows(40, 16)
+    data = PreparedData({"train": EncodedSplit(rows, [0] * len(rows))}, None, {"label_names": ["ham", "spam"]})
+
+    def get():
+        caches = SplitCaches(CacheSettings(max_memory_mb=0, dir=str(tmp_path)))
+        return caches.get("train", clf.model, clf.readout, 0.0, data, "32-true", torch.device("cpu"), False)
+
+    STORE.clear()
+    written, read = get(), get()  # the second finds the file the first wrote (a spilled cache is never in STORE)
+    assert written.path is not None and written.pages.since_drop == 0 and read is not written
+    in_memory = PrefixCache.build(clf.model, data.datasets["train"], None, 1, clf.readout.pooling,
+                                  clf.readout.use_mask, dtype=torch.float32, device=torch.device("cpu"))
+    index = torch.arange(len(rows))
+    assert torch.equal(read.flat, written.flat)
+    assert torch.equal(written.gather(index, 16, torch.device("cpu"), torch.float32),
+                       in_memory.gather(index, 16, torch.device("cpu"), torch.float32))
