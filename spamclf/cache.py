@@ -8,6 +8,7 @@ It is exact: the suffix sees the very states the full forward would compute (see
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import tempfile
 import time
@@ -41,6 +42,7 @@ from spamclf.progress import progress_bar
 
 log = logging.getLogger(__name__)
 CACHE_DTYPES = ("auto", "bf16", "fp32")
+READ_AROUND = 64 * 2**10  # Linux maps up to this much of the page cache around a faulting read (fault_around_bytes)
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,13 @@ class PrefixCache:
     fixed width. Positions past what a row keeps are served as zeros: nothing reads them.
     """
 
-    def __init__(self, flat: torch.Tensor, starts: list[int], stored: list[int], depth: int, path: str | None):
+    def __init__(self, flat: torch.Tensor, starts: list[int], stored: list[int], depth: int, path: str | None,
+                 pages: SpillPages | None = None):
         self.flat, self.starts, self.stored, self.depth, self.path = flat, starts, stored, depth, path
+        self.pages = pages  # the spill file's mapping (None in memory or on a device)
         self.build_seconds = 0.0
-        self._remove_file = weakref.finalize(self, _remove, path) if path else None  # spill files never outlive us
+        # spill files never outlive us; the mapping first (it stays while views of it live), then the file
+        self._release = weakref.finalize(self, _release, pages, path) if path else None
 
     @property
     def nbytes(self) -> int:
@@ -125,8 +130,7 @@ class PrefixCache:
         for r in range(len(stored)):
             starts[r] = starts[first[(stored[r], tuple(dataset.ids[r]))]]
         shape = (position, model.cfg.emb_dim)
-        nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
-        flat, path = _storage(shape, dtype, device, nbytes > max_memory_mb * 2**20, spill_dir)
+        flat, path, pages = _storage(shape, dtype, device, max_memory_mb, spill_dir)
         was_training = model.training
         model.eval()
         with onednn_bf16_inference(model, depth):
@@ -134,6 +138,8 @@ class PrefixCache:
                                        device=device):
                 start_row = starts[batch.rows[0]]
                 flat[start_row : start_row + len(batch.hidden)] = batch.hidden.to(dtype)
+                if pages is not None:
+                    pages.touched(len(batch.hidden))
                 if progress is not None:
                     progress(len(batch.rows))
         if progress is not None:
@@ -143,24 +149,31 @@ class PrefixCache:
         seconds = time.perf_counter() - start
         log.info(
             "prefix cache: %d rows (%d distinct), %d positions after %d frozen block(s), %.1f MB %s, built in %.2fs",
-            len(lengths), len(distinct), shape[0], depth, nbytes / 2**20, f"in {path}" if path else f"on {device}",
+            len(lengths), len(distinct), shape[0], depth, flat.nbytes / 2**20, f"in {path}" if path else f"on {device}",
             seconds,
         )
-        cache = cls(flat, starts, stored, depth, path)
+        cache = cls(flat, starts, stored, depth, path, pages)
         cache.build_seconds = seconds
         return cache
 
     def gather(self, index: torch.Tensor, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Hidden states [B, width, D] for the rows `index`."""
         out = torch.zeros(len(index), width, self.flat.shape[1], dtype=self.flat.dtype, device=self.flat.device)
+        positions = 0
         for j, r in enumerate(index.tolist()):
             n = min(self.stored[r], width)
             out[j, :n] = self.flat[self.starts[r] : self.starts[r] + n]
+            positions += n
+        if self.pages is not None:
+            self.pages.touched(positions, pieces=len(index))
         return out.to(device=device, dtype=dtype, non_blocking=True)
 
     def close(self) -> None:
-        if self._remove_file is not None:
-            self._remove_file()
+        """Unmap and remove a spill file; the cache serves no rows after this."""
+        if self._release is not None:
+            # no view of ours pins the mapping then (views handed out still do)
+            self.flat = torch.empty(0, self.flat.shape[1], dtype=self.flat.dtype)
+            self._release()
 
 
 class SplitCaches:
@@ -249,6 +262,8 @@ class SplitCaches:
                 return PrefixCache(flat, states.starts, states.stored, states.depth, None), states.built_by
             cache, built_by = build(), trial_label()
             write_states(path, key, StoredStates(cache.flat, cache.starts, cache.stored, cache.depth, built_by))
+            if cache.pages is not None:
+                cache.pages.drop()  # writing it read every page
             log.info("prefix cache (%s): written to %s", split, path)
             return cache, built_by
 
@@ -270,16 +285,70 @@ class SplitCaches:
         self.caches, self.built_seconds, self.digests = {}, {}, {}
 
 
-def _storage(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, spill: bool,
-             spill_dir: str | None) -> tuple[torch.Tensor, str | None]:
-    """An empty [positions, D] tensor for the states: in memory, or (`spill`, on the CPU) in a temporary file."""
-    if not (spill and device.type == "cpu"):
-        return torch.empty(shape, dtype=dtype, device=device), None
+class SpillPages:
+    """The mapping of a spill file, and the pages this process touched in it.
+
+    Every page of a file mapping that the process has read or written counts in its resident memory until
+    unmapped, so a file the size of the cache would cost as much as keeping it in memory. Every `budget` bytes
+    mapped (`touched` counts stored positions, and READ_AROUND for each separate piece), this drops the
+    mapping's pages (MADV_DONTNEED): on a shared file mapping the data stays in the file and the page cache,
+    which the kernel reclaims when memory runs short, and a later read maps the pages again. Where the platform
+    has no MADV_DONTNEED, every page stays.
+    """
+
+    def __init__(self, mapping: mmap.mmap, position_bytes: int, budget: int):
+        self.mapping, self.position_bytes, self.budget, self.since_drop = mapping, position_bytes, budget, 0
+
+    @classmethod
+    def budget_for(cls, max_memory_mb: float) -> int:
+        """Bytes between drops: a quarter of the memory limit, at least 64 MB (a drop costs a page-table walk)."""
+        return max(64 * 2**20, int(max_memory_mb * 2**20) // 4)
+
+    def touched(self, positions: int, pieces: int = 1) -> None:
+        self.since_drop += positions * self.position_bytes + pieces * READ_AROUND
+        if self.since_drop >= self.budget:
+            self.drop()
+
+    def drop(self) -> None:
+        """Unmap every page of the file from this process (its data stays in the file)."""
+        if hasattr(mmap, "MADV_DONTNEED") and not self.mapping.closed:
+            self.mapping.madvise(mmap.MADV_DONTNEED)
+        self.since_drop = 0
+
+    def close(self) -> None:
+        """Unmap, unless a tensor still views the mapping: then it goes with the last such tensor."""
+        try:
+            self.mapping.close()
+        except BufferError:
+            pass
+
+
+def _storage(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, max_memory_mb: float,
+             spill_dir: str | None) -> tuple[torch.Tensor, str | None, SpillPages | None]:
+    """An empty [positions, D] tensor for the states: in memory, or (over `max_memory_mb`, on the CPU) viewing a
+    temporary file."""
+    nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+    if not (nbytes > max_memory_mb * 2**20 and device.type == "cpu"):
+        return torch.empty(shape, dtype=dtype, device=device), None, None
     fd, path = tempfile.mkstemp(prefix="spamclf-prefix-", suffix=".bin", dir=spill_dir)
-    os.close(fd)
-    return torch.from_file(path, shared=True, size=shape[0] * shape[1], dtype=dtype).view(shape), path
+    try:
+        os.ftruncate(fd, nbytes)
+        mapping = mmap.mmap(fd, nbytes)  # shared, read and write
+        if hasattr(mmap, "MADV_RANDOM"):  # rows are read in random order: no read-ahead into large pages
+            mapping.madvise(mmap.MADV_RANDOM)
+    except OSError:
+        os.remove(path)
+        raise
+    finally:
+        os.close(fd)
+    # torch.frombuffer keeps a reference to its argument but no buffer export: through a memoryview the mapping
+    # cannot be closed (BufferError) while a tensor views it.
+    flat = torch.frombuffer(memoryview(mapping), dtype=dtype).view(shape)
+    return flat, path, SpillPages(mapping, flat[0].nbytes, SpillPages.budget_for(max_memory_mb))
 
 
-def _remove(path: str) -> None:
+def _release(pages: SpillPages | None, path: str) -> None:
+    if pages is not None:
+        pages.close()
     if os.path.exists(path):
         os.remove(path)
