@@ -12,14 +12,18 @@ FILL = 128  # packed batches are padded to a multiple of this many positions (sm
 
 
 def length_batches(widths: Sequence[int], rows: Iterable[int] | None = None, *, size: int | None = None,
-                   tokens: int | None = None, one_width: bool = False) -> list[list[int]]:
+                   tokens: int | None = None, one_width: bool = False,
+                   padding_slack: float | None = None) -> list[list[int]]:
     """`rows` (default: all) sorted by width (ties keep their order), cut into batches of `size` rows or of at
     most `tokens` positions (a wider row goes alone): similar widths together, so little padding, and short rows
-    many to a batch. `one_width`: every batch holds rows of a single width."""
+    many to a batch. `one_width`: every batch holds rows of a single width. `padding_slack`: a batch padded to its
+    widest row holds at most this many times its real positions (a few texts of any lengths, a server's batch,
+    become batches of similar lengths)."""
     batches, batch, total = [], [], 0
     for r in sorted(range(len(widths)) if rows is None else rows, key=widths.__getitem__):
         full = (size is not None and len(batch) == size) or (tokens is not None and total + widths[r] > tokens)
-        if batch and (full or (one_width and widths[r] != widths[batch[0]])):
+        padded = padding_slack is not None and (len(batch) + 1) * widths[r] > padding_slack * (total + widths[r])
+        if batch and (full or padded or (one_width and widths[r] != widths[batch[0]])):
             batches.append(batch)
             batch, total = [], 0
         batch.append(r)

@@ -37,6 +37,10 @@ class TextClassifier(ABC):
     reason) and may raise `align`: batch widths are rounded up to a multiple of it (fewer kernel shapes where
     trailing padding cannot change a result)."""
 
+    # How much padding one batch may compute, over its real positions (`batching.length_batches`); None: no bound,
+    # for a backend whose cost barely grows with padding (torch packs the positions its linear layers compute).
+    padding_slack: float | None = None
+
     def __init__(self, decision: Decision, tokenization: dict, pooling: str, context_length: int):
         self.decision, self.tokenization, self.pooling = decision, dict(tokenization), pooling
         self.context_length, self.align = context_length, 1
@@ -85,7 +89,8 @@ class TextClassifier(ABC):
     def batch_plan(self, ids: Sequence[Sequence[int]], batch_tokens: int) -> Iterator[tuple[list[int], int]]:
         """(rows, width) of each batch: rows of similar width together, at most about `batch_tokens` positions."""
         widths = [self.pad_length or len(row) for row in ids]
-        for rows in length_batches(widths, tokens=batch_tokens, one_width=self.one_width):
+        for rows in length_batches(widths, tokens=batch_tokens, one_width=self.one_width,
+                                   padding_slack=self.padding_slack):
             yield rows, round_up(max(widths[r] for r in rows), self.align, self.context_length)
 
     def _probabilities(self, ids: list[list[int]], batch_tokens: int, progress) -> list[list[float]]:

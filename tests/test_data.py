@@ -402,3 +402,17 @@ def test_a_natural_set_other_than_the_test_split_keeps_its_own_pass(sms_module, 
     repeated = SpamDataModule(path=_write(tmp_path / "r.csv", "\n".join(rows + rows[1:])), balance=False)
     repeated.setup()  # test texts also in train are not in the natural set
     assert len(repeated.frames["natural"]) < len(repeated.frames["test"]) and not repeated.natural_is_test
+
+
+def test_padding_slack_bounds_what_a_batch_computes_over_its_real_positions():
+    from spamclf.batching import length_batches
+
+    widths = [5, 60, 7, 30, 6, 31, 8, 29, 120, 9, 6, 33, 5, 7, 28, 61]  # a server's batch: arbitrary lengths
+    plain = length_batches(widths, tokens=2048)
+    bounded = length_batches(widths, tokens=2048, padding_slack=1.3)
+    assert len(plain) == 1 and sorted(r for b in bounded for r in b) == list(range(len(widths)))
+    for batch in bounded:
+        real = sum(widths[r] for r in batch)
+        assert len(batch) * max(widths[r] for r in batch) <= 1.3 * real or len(batch) == 1
+    assert sum(len(b) * max(widths[r] for r in b) for b in bounded) < 0.5 * len(widths) * max(widths)
+    assert length_batches([10] * 16, tokens=2048, padding_slack=1.3) == [list(range(16))]  # equal widths: one batch
