@@ -17,8 +17,8 @@ def length_batches(widths: Sequence[int], rows: Iterable[int] | None = None, *, 
     """`rows` (default: all) sorted by width (ties keep their order), cut into batches of `size` rows or of at
     most `tokens` positions (a wider row goes alone): similar widths together, so little padding, and short rows
     many to a batch. `one_width`: every batch holds rows of a single width. `padding_slack`: a batch padded to its
-    widest row holds at most this many times its real positions (a few texts of any lengths, a server's batch,
-    become batches of similar lengths)."""
+    widest row holds at most about this many times its real positions (before any rounding of the width; a few
+    texts of any lengths, a server's batch, become batches of similar lengths)."""
     batches, batch, total = [], [], 0
     for r in sorted(range(len(widths)) if rows is None else rows, key=widths.__getitem__):
         full = (size is not None and len(batch) == size) or (tokens is not None and total + widths[r] > tokens)

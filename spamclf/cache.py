@@ -332,11 +332,12 @@ def _storage(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, m
         return torch.empty(shape, dtype=dtype, device=device), None, None
     fd, path = tempfile.mkstemp(prefix="spamclf-prefix-", suffix=".bin", dir=spill_dir)
     try:
-        os.ftruncate(fd, nbytes)
+        # Reserved now: a full disk is an OSError here, not a SIGBUS when a write through the mapping finds no space.
+        os.posix_fallocate(fd, 0, nbytes) if hasattr(os, "posix_fallocate") else os.ftruncate(fd, nbytes)
         mapping = mmap.mmap(fd, nbytes)  # shared, read and write
         if hasattr(mmap, "MADV_RANDOM"):  # rows are read in random order: no read-ahead into large pages
             mapping.madvise(mmap.MADV_RANDOM)
-    except OSError:
+    except BaseException:
         os.remove(path)
         raise
     finally:

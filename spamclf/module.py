@@ -49,6 +49,13 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
                              "recall_macro": MulticlassRecall(**kw), "auroc": MulticlassAUROC(**kw)}, prefix=prefix)
 
 
+def _same_rows(before: PreparedData, now: PreparedData) -> bool:
+    """Whether a hand-over holds the very splits and padding of the one before (the Trainer sets the data up again
+    for each stage): then the built caches still hold their states, in memory or in their spill files."""
+    return now.pad_length == before.pad_length and all(before.datasets.get(split, rows) is rows
+                                                       for split, rows in now.datasets.items())
+
+
 class SpamClassifier(L.LightningModule):
     """GPT-2 text classifier. Every argument is a `model.*` config key (conf/model/gpt2-small.yaml explains each);
     the network's keys stay flat because `spamclf.inference` reads them from checkpoints. `optimizer` and
@@ -89,6 +96,7 @@ class SpamClassifier(L.LightningModule):
         self.data: PreparedData | None = None  # handed over by use_data
         self.cache_precision, self.show_progress = "32-true", False
         self.outputs: dict[str, dict[str, list[torch.Tensor]]] = {}  # split → logits, labels of this evaluation pass
+        self.scored: set[str] = set()  # the metric names this evaluation pass updated
         self.evaluated: dict[str, Evaluated] = {}  # split → the final evaluation at the operating point
 
     def _compile_trained_blocks(self, prefix_cache: bool) -> None:
@@ -103,7 +111,7 @@ class SpamClassifier(L.LightningModule):
         file's class shares; `precision` (a Lightning name from `spamclf.precision.resolve`) sets the cache's dtype."""
         if data.label_names and data.label_names != self.label_names:
             raise InvalidOption("label_names", self.label_names, f"the data's labels {data.label_names}")
-        if self.data is not None and data is not self.data:  # other rows: the cached states no longer match
+        if self.data is not None and not _same_rows(self.data, data):  # the cached states no longer match
             self.caches.close()
         self.hparams.tokenization = data.tokenization
         self.data, self.cache_precision, self.show_progress = data, precision, show_progress

@@ -62,7 +62,6 @@ ONNX_REFUSAL = ('"explain" needs the torch network: this server runs an ONNX gra
 OFF_REFUSAL = '"explain" is off on this server (started with --no-explain); start it without that flag to explain'
 
 
-
 class PredictRequest(BaseModel):
     """One text, or a list of texts."""
 
@@ -208,7 +207,7 @@ def build_server(model: str, options: dict | None = None, max_batch_size: int = 
     PredictRequest.max_texts = max_texts
     PredictRequest.refusal = ONNX_REFUSAL if model_format != "ckpt" else None if explain else OFF_REFUSAL
     key_check = KeyCheck(api_key)
-    options = {**options, "threads": threads} if threads else options
+    options = {"threads": threads, **options} if threads else options  # a caller's own `threads` wins
     apis = [SpamClassifierAPI(model, options, batch_tokens, key_check, max_batch_size=max_batch_size,
                               batch_timeout=batch_timeout)]
     middlewares = [page_middleware()]
@@ -243,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-texts", args.max_texts),
-                        ("--workers", args.workers or 1),
+                        ("--workers", 1 if args.workers is None else args.workers),
                         ("--max-body-bytes", args.max_body_bytes)):
         if value < 1:
             parser.error(f"{flag} must be at least 1")

@@ -167,10 +167,12 @@ def test_closing_a_spilled_cache_removes_its_file_and_leaves_views_readable():
 
 
 def _rss_file_kb() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("RssFile:"):
-            return int(line.split()[1])
-    pytest.skip("no RssFile in /proc/self/status")
+    """Resident pages of mapped files: RssFile, plus RssShmem where the spill folder is a tmpfs."""
+    fields = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/status")
+              if line.startswith(("RssFile:", "RssShmem:"))}
+    if "RssFile" not in fields:
+        pytest.skip("no RssFile in /proc/self/status")
+    return sum(fields.values())
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc/self/status")

@@ -165,3 +165,15 @@ def test_a_basic_launcher_sweep_gives_each_trial_the_metrics_it_has_alone(tmp_pa
     swept, single = _metrics_by_lr(tmp_path / "sweep"), _metrics_by_lr(tmp_path / "alone")
     assert sorted(swept) == sorted(single) == lrs
     assert all(swept[lr] == single[lr] for lr in lrs), (swept, single)
+
+
+def test_a_second_hand_over_of_the_same_splits_keeps_the_caches_and_other_rows_drop_them(monkeypatch):
+    clf, data = _classifier(), _data(ROWS)
+    closed = []
+    monkeypatch.setattr(clf.caches, "close", lambda: closed.append(True))
+    clf.use_data(data, "32-true")
+    again = PreparedData(data.datasets, data.pad_length, data.tokenization, scored_with={"natural": "test"})
+    clf.use_data(again, "32-true")  # the Trainer sets the data up again for the test: the same rows
+    assert closed == []  # the caches built during fit (a spilled one included) stay for the final evaluation
+    clf.use_data(_data(ROWS), "32-true")  # other rows, even if equal: built for other objects
+    assert closed == [True]

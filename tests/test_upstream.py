@@ -25,7 +25,9 @@ def test_lightning_restarts_ddp_ranks_as_one_run_of_the_sweep_job(tmp_path, monk
         cfg.hydra.runtime.output_dir = str(job)
         cfg.hydra.runtime.cwd = str(tmp_path)
         cfg.hydra.overrides.task = ["model=gpt2-tiny", "seed=7"]
-    HydraConfig.instance().set_config(cfg)
+    hydra = HydraConfig.instance()
+    monkeypatch.setattr(hydra, "cfg", hydra.cfg)  # restored afterwards: later tests see no Hydra run
+    hydra.set_config(cfg)
     monkeypatch.setattr(sys, "argv", ["train.py", "-m", "model=gpt2-tiny", "seed=5,7"])
     _ddp_ranks_join_this_job()
     command, cwd = _hydra_subprocess_cmd(local_rank=1)
@@ -48,5 +50,5 @@ def test_litserve_leaves_its_own_routes_open_on_a_server_of_several_apis():
         pass
 
     server = ls.LitServer([Keyed(), Other(api_path="/other")], accelerator="cpu")
-    assert server.setup_auth() is not server.lit_api[0].authorize  # the list has no `authorize`: routes stay open
+    assert server.setup_auth() != server.lit_api[0].authorize  # the list has no `authorize`: routes stay open
     assert server.setup_auth(server.lit_api[0]) == server.lit_api[0].authorize  # the argument the shim passes
