@@ -96,7 +96,6 @@ class SpamClassifier(L.LightningModule):
         self.data: PreparedData | None = None  # handed over by use_data
         self.cache_precision, self.show_progress = "32-true", False
         self.outputs: dict[str, dict[str, list[torch.Tensor]]] = {}  # split → logits, labels of this evaluation pass
-        self.scored: set[str] = set()  # the metric names this evaluation pass updated
         self.evaluated: dict[str, Evaluated] = {}  # split → the final evaluation at the operating point
 
     def _compile_trained_blocks(self, prefix_cache: bool) -> None:
@@ -156,46 +155,46 @@ class SpamClassifier(L.LightningModule):
                           batch_size=len(logits), sync_dist=True)
         return loss
 
-    def _record(self, logits: torch.Tensor, labels: torch.Tensor, name: str, split: str) -> None:
-        """One batch of `split`'s scores into the loss, metrics (logged as `name/...`) and outputs of its pass."""
+    def _record(self, logits: torch.Tensor, labels: torch.Tensor, name: str, split: str, last: bool) -> None:
+        """One batch of `split`'s scores into the loss, metrics (logged as `name/...`) and outputs of its pass.
+        The metric objects are logged at the loader's last batch only (Lightning computes them over the pass):
+        logged at every step, Lightning moved each one at every call, walking AUROC's list states that grow with
+        the pass, so that a pass cost the square of its batches."""
         loss = F.cross_entropy(logits, labels)
         self.losses[name].update(loss, weight=len(logits))
         self.log(f"{name}/loss", self.losses[name], on_epoch=True, batch_size=len(logits), add_dataloader_idx=False)
-        self.metrics[f"{name}_metrics"].update(logits, labels)
-        self.scored.add(name)
+        metrics = self.metrics[f"{name}_metrics"]
+        metrics.update(logits, labels)
+        if last:
+            self.log_dict(metrics, on_epoch=True, add_dataloader_idx=False)
         outputs = self.outputs.setdefault(split, {"logits": [], "labels": []})
         outputs["logits"].append(logits.detach().cpu())
         outputs["labels"].append(labels.cpu())
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._record(self._logits(batch).float(), batch["labels"], "val", batch["split"])
+        counts = self.trainer.num_sanity_val_batches if self.trainer.sanity_checking else self.trainer.num_val_batches
+        last = batch_idx + 1 >= counts[dataloader_idx]
+        self._record(self._logits(batch).float(), batch["labels"], "val", batch["split"], last)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Scores `batch["split"]`, and with the same scores every split that holds the same rows (no loader of its
         own: `PreparedData.scored_with`)."""
         split, logits = batch["split"], self._logits(batch).float()
+        last = batch_idx + 1 >= self.trainer.num_test_batches[dataloader_idx]
         for each in (split, *self._same_rows_as(split)):
-            self._record(logits, batch["labels"], each if each in ("test", NATURAL) else f"best_{each}", each)
+            self._record(logits, batch["labels"], each if each in ("test", NATURAL) else f"best_{each}", each, last)
 
     def _same_rows_as(self, split: str) -> list[str]:
         scored_with = self.data.scored_with if self.data is not None else {}
         return [other for other, source in scored_with.items() if source == split]
 
     def on_validation_epoch_start(self) -> None:
-        self.outputs, self.scored = {}, set()
-
-    def _log_scored_metrics(self) -> None:
-        """Each scored split's metrics, logged once at the end of the pass: logged at every step, Lightning would
-        move each metric object at every call, walking AUROC's list states that grow with the pass (a pass's cost
-        would grow with the square of its batches: 46 s of a 10^6-message evaluation)."""
-        for name in sorted(self.scored):
-            self.log_dict(self.metrics[f"{name}_metrics"], add_dataloader_idx=False)
+        self.outputs = {}
 
     on_test_epoch_start = on_validation_epoch_start
 
     def on_validation_epoch_end(self) -> None:
         """The decision for these weights, chosen on the validation split (every rank's shard): saved with them."""
-        self._log_scored_metrics()
         outputs = gathered(self.outputs, self.trainer.world_size).get("val")
         if outputs is not None and not self.trainer.sanity_checking:
             self.decision = choose_decision(self.decision, torch.cat(outputs["logits"]), torch.cat(outputs["labels"]),
@@ -203,7 +202,6 @@ class SpamClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """Every evaluated split at the operating point of the tested checkpoint (natural: also at the file's rate)."""
-        self._log_scored_metrics()
         prevalence = (self.data.class_shares if self.data else {}).get(self.decision.positive_label)
         self.evaluated = {}
         for split, o in gathered(self.outputs, self.trainer.world_size).items():
