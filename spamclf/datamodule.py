@@ -322,7 +322,10 @@ class SpamDataModule(L.LightningDataModule):
 
     def _encode(self) -> None:
         h, label_id = self.hparams, {name: i for i, name in enumerate(self.label_names)}
-        ids = {split: encode_texts(self.frames[split]["text"].tolist()) for split in self.frames}
+        ids = {split: encode_texts(self.frames[split]["text"].tolist()) for split in self.frames
+               if not (split == NATURAL and self.natural_is_test)}
+        if self.natural_is_test:  # the same messages: tokenized once
+            ids[NATURAL] = ids["test"]
         too_long = sum(len(row) > h.context_length for rows in ids.values() for row in rows)
         if too_long:
             warn_on_rank_zero("%d message(s) longer than the context length %d were truncated (data.truncation=%s)",

@@ -49,7 +49,7 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
                              "recall_macro": MulticlassRecall(**kw), "auroc": MulticlassAUROC(**kw)}, prefix=prefix)
 
 
-def _same_rows(before: PreparedData, now: PreparedData) -> bool:
+def _same_splits(before: PreparedData, now: PreparedData) -> bool:
     """Whether a hand-over holds the very splits and padding of the one before (the Trainer sets the data up again
     for each stage): then the built caches still hold their states, in memory or in their spill files."""
     return now.pad_length == before.pad_length and all(before.datasets.get(split, rows) is rows
@@ -110,7 +110,7 @@ class SpamClassifier(L.LightningModule):
         file's class shares; `precision` (a Lightning name from `spamclf.precision.resolve`) sets the cache's dtype."""
         if data.label_names and data.label_names != self.label_names:
             raise InvalidOption("label_names", self.label_names, f"the data's labels {data.label_names}")
-        if self.data is not None and not _same_rows(self.data, data):  # the cached states no longer match
+        if self.data is not None and not _same_splits(self.data, data):  # the cached states no longer match
             self.caches.close()
         self.hparams.tokenization = data.tokenization
         self.data, self.cache_precision, self.show_progress = data, precision, show_progress

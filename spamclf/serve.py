@@ -285,7 +285,7 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"classifying processes, each with a copy of the model (default: {CPU_WORKERS} on a CPU, "
                              "sharing its cores; 1 on a GPU)")
     parser.add_argument("--no-explain", action="store_true",
-                        help='no explaining worker (it holds a second copy of the model): "explain" answers 400')
+                        help='no explaining worker (it holds a copy of the model of its own): "explain" answers 400')
     return parser
 
 
